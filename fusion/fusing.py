@@ -248,15 +248,23 @@ def _merge_truncate(row, ids, p, tail, R, top_k, vocab_size) -> SparseRows:
     p = np.add.reduceat(p, start) if len(key) else p
     key = key[start]
     row, ids = key // vocab_size, key % vocab_size
-    order = np.lexsort((ids, -p, row))
-    row, ids, p = row[order], ids[order], p[order]
+    # rows are short (at most the candidates' summed widths): sort them as a padded matrix
     counts = np.bincount(row, minlength=R)
-    rank = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-    keep = rank < top_k
-    tail = tail + np.bincount(row[~keep], weights=p[~keep], minlength=R)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    neg = np.full((R, int(counts.max(initial=0))), np.inf)
+    neg[row, col] = -p
+    by_p = np.argsort(neg, axis=1, kind="stable")  # stable: equal probabilities stay in id order
+    neg = np.take_along_axis(neg, by_p, axis=1)
+    grid_ids = np.zeros(neg.shape, dtype=np.int64)
+    grid_ids[row, col] = ids
+    grid_ids = np.take_along_axis(grid_ids, by_p, axis=1)
+    rank = np.arange(neg.shape[1])
+    keep = rank < np.minimum(counts, top_k)[:, None]
+    dropped = (rank >= top_k) & (rank < counts[:, None])
+    tail = tail - np.where(dropped, neg, 0.0).sum(axis=1)
     return SparseRows(
         counts=np.minimum(counts, top_k).astype(np.int32),
-        ids=ids[keep].astype(np.int32),
-        logprobs=np.log(p[keep]).astype(np.float32),
+        ids=grid_ids[keep].astype(np.int32),
+        logprobs=np.log(-neg[keep]).astype(np.float32),
         tail=np.clip(tail, 0.0, 1.0).astype(np.float32),
     )

@@ -168,7 +168,7 @@ def fusion_loss(
         tt = tt.to(cdt).masked_fill(empty, 0.0)
     p, p_tail = teacher_probs(ids, lp, tt, temperature, tail, cdt)
     # padding slots point at the row's first real id (their probability is 0)
-    first = ids.gather(1, (ids >= 0).to(torch.int8).argmax(-1, keepdim=True))
+    first = ids.gather(1, (ids >= 0).int().argmax(-1, keepdim=True))
     pad = ids < 0
     ids = torch.where(pad, first, ids)
 
