@@ -95,6 +95,13 @@ class FuseSpec(Strict):
         "or the paper's mean cross-entropy per own token.",
     )
     top_k: int = Field(10, ge=1, le=255, description="Entries kept in the fused distribution.")
+    weighting: Literal["softmin", "paper"] = Field(
+        "softmin",
+        description="AvgCE weights: softmin exp(-cost / tau), or the paper's softmax(exp(-cost)).",
+    )
+    paper_rewards: bool = Field(
+        False, description="Compare candidates as the original does: bfloat16 rewards, ties to the target."
+    )
 
 
 class TrainSpec(Strict):
