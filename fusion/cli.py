@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from fusion.errors import BAD_INPUT_EXIT_CODE, FusionError
+from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
+    p = sub.add_parser("worker", help="claim shards of one stage by lease and compute them until none are left")
+    p.add_argument("stage")
+    p.add_argument("spec")
+    p.add_argument("--part", action="append", help="only this part (repeatable; default: every part of the stage)")
+    p.add_argument("--store")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(os.environ.get("FUSION_LEASE_SECONDS", 300)),
+        help="a dead worker's shard is taken over after this long (default $FUSION_LEASE_SECONDS or 300)",
+    )
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="wait between looks while others hold the last shards")
+    p.add_argument("--worker-id", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID, else host-pid")
+
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
-    p.add_argument("store", help="run store URL")
+    p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("validate", help="check a run spec, its models and corpus, without running anything")
@@ -100,6 +115,18 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from fusion.worker import InputsNotReady, run_worker
+
+    run = _run(args.spec, args.store, args.set)
+    try:
+        run_worker(run, args.stage, args.part, args.worker_id, args.lease_seconds, args.poll_seconds)
+    except InputsNotReady as e:
+        print(f"fusion: {e}", file=sys.stderr)
+        return NOT_READY_EXIT_CODE
+    return 0
+
+
 def cmd_status(args) -> int:
     from fusion.status import format_status, status
 
@@ -135,6 +162,7 @@ def cmd_align_fixture(args) -> int:
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
+    "worker": cmd_worker,
     "status": cmd_status,
     "validate": cmd_validate,
     "schema": cmd_schema,

@@ -75,6 +75,9 @@ class LogitsSpec(Strict):
     top_k: int = Field(10, ge=1, le=255, description="Entries kept per position.")
     batch_tokens: int = Field(16384, ge=64, description="Tokens per forward batch, padding included.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the forward pass; auto: bfloat16 on GPUs, the model's dtype on CPUs."
+    )
 
 
 class AlignSpec(Strict):
@@ -130,9 +133,42 @@ class EvalSpec(Strict):
     batch_tokens: int = Field(16384, ge=64)
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class StoreOptionsSpec(Strict):
+    """How to reach an s3:// store. Never secrets: only the NAMES of the environment variables
+    (or the profile) that hold them, so that specs, run.json and logs can be shared freely.
+    Unset fields fall back to the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL,
+    AWS_REGION, web identity, instance metadata, ...)."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio:9000; default AWS.")
+    region: str | None = Field(None, description="S3 region.")
+    profile: str | None = Field(None, description="Profile in the AWS shared config/credentials files.")
+    access_key_id_env: str | None = Field(
+        None, pattern=ENV_NAME_PATTERN, description="Name of the environment variable holding the access key id."
+    )
+    secret_access_key_env: str | None = Field(
+        None, pattern=ENV_NAME_PATTERN, description="Name of the environment variable holding the secret key."
+    )
+    session_token_env: str | None = Field(
+        None, pattern=ENV_NAME_PATTERN, description="Name of the environment variable holding a session token."
+    )
+    connect_timeout: float = Field(10.0, gt=0.0, description="Seconds to open a connection before retrying.")
+    read_timeout: float = Field(120.0, gt=0.0, description="Seconds without response bytes before retrying.")
+    max_attempts: int = Field(10, ge=1, description="Attempts per request (exponential back-off with jitter).")
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self):
+        if (self.access_key_id_env is None) != (self.secret_access_key_env is None):
+            raise ValueError("access_key_id_env and secret_access_key_env go together")
+        return self
+
+
 class RunSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     store: str = Field(description="Run store URL: a path, file://, memory:// or s3://.")
+    store_options: StoreOptionsSpec = StoreOptionsSpec()
     models: ModelsSpec
     corpus: CorpusSpec
     split: SplitSpec = SplitSpec()

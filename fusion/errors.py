@@ -3,6 +3,9 @@
 # Kubernetes podFailurePolicy keys on this: a shard that fails with it is bad input and is not
 # retried; any other non-zero exit counts as a flaky failure and may be retried.
 BAD_INPUT_EXIT_CODE = 3
+# A worker started before its stage's inputs were committed exits with this (EX_TEMPFAIL):
+# nothing is wrong, try again later.
+NOT_READY_EXIT_CODE = 75
 
 
 class FusionError(Exception):

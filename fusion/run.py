@@ -23,9 +23,9 @@ PACKAGES = ["fusion-llm", "torch", "transformers", "tokenizers", "numpy", "zarr"
 
 
 class Run:
-    def __init__(self, spec: RunSpec, store_url: str | None = None, storage_options: dict | None = None):
+    def __init__(self, spec: RunSpec, store_url: str | None = None):
         self.spec = spec
-        self.store = Store(store_url or spec.store, storage_options)
+        self.store = Store(store_url or spec.store, spec.store_options)
         self._hashes: dict[tuple[str, str], str] = {}
 
     # ---- models -------------------------------------------------------------------------

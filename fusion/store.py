@@ -2,6 +2,16 @@
 
 Everything a run produces lives under that URL; stages talk to it only through this module
 and fusion.shards (the commit protocol). Paths given to a Store are relative to its root.
+
+Every write puts a whole object: readers see the old object or the new one, never a part.
+`create` writes only where no object exists yet (create-if-absent), which the commit protocol
+and the leases build on: a hard link on local disks, a conditional PUT (`If-None-Match: *`)
+on S3.
+
+S3 stores are reached through s3fs. Endpoint, region and credentials come from the run spec's
+`store_options` (which names environment variables, never holds secrets) or the usual AWS
+environment. Requests that fail (5xx, throttling, dropped connections, timeouts) are retried
+with exponential back-off and jitter by botocore and s3fs, up to `max_attempts`.
 """
 
 from __future__ import annotations
@@ -12,9 +22,8 @@ import uuid
 from pathlib import Path
 
 import fsspec
-import zarr
-from zarr.storage import FsspecStore, LocalStore
 
+from fusion.config import StoreOptionsSpec
 from fusion.errors import FusionError
 
 
@@ -25,27 +34,63 @@ def normalize_url(url: str) -> str:
     return "file://" + str(Path(url).expanduser().resolve())
 
 
+def _env(name: str, key: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise FusionError(f"store_options.{key}: environment variable {name} is not set")
+    return value
+
+
+def s3_options(options: StoreOptionsSpec) -> dict:
+    """s3fs keyword arguments for the spec's store_options (secrets read from the environment)."""
+    kwargs: dict = {
+        "use_listings_cache": False,  # listings must be fresh: workers poll them for new records
+        "config_kwargs": {
+            "retries": {"max_attempts": options.max_attempts, "mode": "standard"},  # 5xx, throttling
+            "connect_timeout": options.connect_timeout,
+            "read_timeout": options.read_timeout,
+        },
+    }
+    if options.endpoint_url:
+        kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        kwargs["client_kwargs"] = {"region_name": options.region}
+    if options.profile:
+        kwargs["profile"] = options.profile
+    if options.access_key_id_env:
+        kwargs["key"] = _env(options.access_key_id_env, "access_key_id_env")
+        kwargs["secret"] = _env(options.secret_access_key_env, "secret_access_key_env")
+    if options.session_token_env:
+        kwargs["token"] = _env(options.session_token_env, "session_token_env")
+    return kwargs
+
+
 class Store:
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, options: StoreOptionsSpec | None = None):
         self.url = normalize_url(url)
         self.protocol = self.url.split("://", 1)[0]
-        options = dict(storage_options or {})
+        kwargs: dict = {}
+        options = options or StoreOptionsSpec()
         if self.protocol == "file":
-            options.setdefault("auto_mkdir", True)
+            kwargs["auto_mkdir"] = True
+        elif self.protocol in ("s3", "s3a"):
+            kwargs = s3_options(options)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
-        except (ImportError, ValueError) as e:
-            raise FusionError(f"store {self.url}: cannot open ({e})") from None
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **kwargs)
+        except (ImportError, ValueError, TypeError) as e:
+            raise FusionError(f"store {self.url}: cannot open ({type(e).__name__}: {e})") from None
+        if self.protocol in ("s3", "s3a"):
+            self.fs.retries = options.max_attempts  # s3fs's own retries: timeouts, dropped connections
         self.root = self.root.rstrip("/")
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # the URL only: the filesystem object may hold credentials
         return f"Store({self.url})"
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
     def uri(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        return f"{self.url}/{rel}" if rel else self.url
 
     def local_path(self, rel: str) -> Path | None:
         """The path on this machine for file:// stores, else None."""
@@ -57,8 +102,7 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:
-            with self.fs.open(self.path(rel), "rb") as f:
-                return f.read()
+            return self.fs.cat_file(self.path(rel))
         except FileNotFoundError:
             return None
 
@@ -72,39 +116,94 @@ class Store:
             raise FusionError(f"{self.uri(rel)}: not valid JSON ({e})") from None
 
     def write_bytes(self, rel: str, blob: bytes, exclusive: bool = False) -> bool:
-        """Write an object whole: readers see the old object or the new one, never a part.
-
-        With exclusive=True the write happens only if no object exists yet (create-if-absent)
-        and the return value says whether this call created it.
-        """
+        """Write an object whole. With exclusive=True it is `create`; returns whether the
+        object now holds `blob`."""
+        if exclusive:
+            return self.create(rel, blob)
         path = self.path(rel)
         if self.protocol == "file":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                if exclusive:
-                    try:
-                        os.link(tmp, path)  # fails if path exists: create-if-absent
-                    except FileExistsError:
-                        return False
-                else:
-                    os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return True
-        if exclusive and self.fs.exists(path):
-            return False
-        self.fs.pipe_file(path, blob)
+            tmp = self._local_tmp(path, blob)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, blob)
         return True
 
+    def create(self, rel: str, blob: bytes) -> bool:
+        """Create-if-absent: write the object only if none exists. Returns True if the object
+        now holds exactly `blob` (written by this call, or found identical: a retried
+        conditional PUT whose first attempt succeeded looks like that), False if it holds
+        something else."""
+        path = self.path(rel)
+        if self.protocol == "file":
+            tmp = self._local_tmp(path, blob)
+            try:
+                os.link(tmp, path)  # fails if path exists
+                return True
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        elif self.protocol in ("s3", "s3a"):
+            try:
+                self.fs.pipe_file(path, blob, mode="create")  # PUT with If-None-Match: *
+                return True
+            except FileExistsError:
+                pass
+        elif self.protocol == "memory":  # one process: check-then-write cannot race
+            if not self.fs.exists(path):
+                self.fs.pipe_file(path, blob)
+                return True
+        else:
+            raise FusionError(f"store {self.url}: create-if-absent is not supported for {self.protocol}://")
+        return self.read_bytes(rel) == blob
+
     def write_json(self, rel: str, obj: object, exclusive: bool = False) -> bool:
-        blob = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-        return self.write_bytes(rel, blob, exclusive=exclusive)
+        return self.write_bytes(rel, json_bytes(obj), exclusive=exclusive)
+
+    def _local_tmp(self, path: str, blob: bytes) -> str:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    # ---- many objects at once (a shard's arrays) ------------------------------------------
+    def put_objects(self, objects: dict[str, bytes]) -> None:
+        """Write several objects (concurrently where the filesystem can)."""
+        if self.protocol == "file":
+            for rel, blob in objects.items():
+                os.replace(self._local_tmp(self.path(rel), blob), self.path(rel))
+        elif objects:
+            self.fs.pipe({self.path(rel): blob for rel, blob in objects.items()})
+
+    def get_objects(self, rels: list[str]) -> dict[str, bytes | None]:
+        """Read several objects (concurrently where the filesystem can); None where missing."""
+        if not rels:
+            return {}
+        paths = [self.path(r) for r in rels]
+        if self.protocol == "file":
+            got = {}
+            for p in paths:
+                try:
+                    got[p] = Path(p).read_bytes()
+                except FileNotFoundError:
+                    got[p] = None
+        else:
+            got = self.fs.cat(paths, on_error="return")
+            if not isinstance(got, dict):  # fsspec returns the bytes alone for a single path
+                got = {paths[0]: got}
+        out = {}
+        for rel, p in zip(rels, paths):
+            value = got.get(p)
+            if isinstance(value, FileNotFoundError) or value is None:
+                out[rel] = None
+            elif isinstance(value, BaseException):
+                raise value
+            else:
+                out[rel] = bytes(value)
+        return out
 
     def list(self, rel: str) -> list[str]:
         """Names directly under rel (empty if it does not exist)."""
@@ -115,29 +214,18 @@ class Store:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def remove(self, rel: str) -> None:
-        path = self.path(rel)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
-
-    # ---- arrays ------------------------------------------------------------------------
-    def zarr_store(self, rel: str, read_only: bool = False):
-        if self.protocol == "file":
-            return LocalStore(self.path(rel), read_only=read_only)
-        return FsspecStore.from_url(self.uri(rel), read_only=read_only, storage_options=self._options())
-
-    def _options(self) -> dict:
-        return getattr(self.fs, "storage_options", {}) or {}
-
-    def open_group(self, rel: str, mode: str = "r") -> zarr.Group:
-        return zarr.open_group(self.zarr_store(rel, read_only=mode == "r"), mode=mode)
+        """Delete an object or a whole folder (nothing happens if it does not exist)."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
 
     # ---- whole folders (model checkpoints) --------------------------------------------
     def put_dir(self, local_dir: Path, rel: str) -> None:
         """Upload a local folder's files to rel/ (replacing what is there)."""
         self.remove(rel)
-        for f in sorted(Path(local_dir).rglob("*")):
-            if f.is_file():
-                self.write_bytes(f"{rel}/{f.relative_to(local_dir).as_posix()}", f.read_bytes())
+        files = sorted(f for f in Path(local_dir).rglob("*") if f.is_file())
+        self.put_objects({f"{rel}/{f.relative_to(local_dir).as_posix()}": f.read_bytes() for f in files})
 
     def get_dir(self, rel: str, local_dir: Path) -> Path:
         """Download rel/ into a local folder (for file:// stores, return the folder itself)."""
@@ -150,3 +238,8 @@ class Store:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(self.fs.cat_file(path))
         return local_dir
+
+
+def json_bytes(obj: object) -> bytes:
+    """The one JSON serialisation of records: sorted keys, so equal content gives equal bytes."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -6,14 +8,17 @@ from fusion.errors import FusionError
 from fusion.store import Store
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", "s3"])
 def store(request, tmp_path):
     if request.param == "file":
         yield Store(str(tmp_path / "run"))
-        return
-    s = Store(f"memory://test-{tmp_path.name}")
-    yield s
-    s.remove("")
+    elif request.param == "memory":
+        s = Store(f"memory://test-{tmp_path.name}")
+        yield s
+        s.remove("")
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        yield Store(f"s3://{bucket}/run", request.getfixturevalue("s3_options"))
 
 
 def arrays():
@@ -35,6 +40,13 @@ def test_roundtrip_and_status(store):
     assert (status.committed, status.rows, status.complete) == (1, 100, False)
 
 
+def test_same_arrays_give_the_same_bytes(store):
+    first = shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
+    store.remove(shards.record_path("logits", "m", 0))
+    again = shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
+    assert again == first  # content-addressed folder, deterministic encoding
+
+
 def test_arrays_without_record_are_not_committed(store):
     shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
     store.remove(shards.record_path("logits", "m", 0))  # as if killed before the record
@@ -48,30 +60,43 @@ def test_other_config_hash_is_an_error(store):
     assert shards.read_record(store, "logits", "m", 0, "abc") is not None
     with pytest.raises(FusionError, match="config hash abc"):
         shards.read_record(store, "logits", "m", 0, "xyz")
+    with pytest.raises(FusionError, match="shard-00000.json was written with config hash abc"):
+        shards.write_shard(store, "logits", "m", 0, arrays(), "xyz", rows=100)
 
 
-def test_corrupt_array_is_detected(store):
-    shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
-    group = store.open_group(shards.array_path("logits", "m", 0), mode="a")
-    group["ids"][0, 0] = 7  # rewrites a chunk behind the record's back
-    with pytest.raises(FusionError, match="ids: checksum differs"):
-        shards.read_shard(store, "logits", "m", 0)
+def test_second_writer_keeps_the_first_record(store):
+    first = shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
+    other = {**arrays(), "ptr": np.array([0, 50, 100], dtype=np.int64)}  # a nondeterministic twin
+    kept = shards.write_shard(store, "logits", "m", 0, other, "abc", rows=100)
+    assert kept == first
+    assert np.array_equal(shards.read_shard(store, "logits", "m", 0)["ptr"], arrays()["ptr"])
 
 
-def test_commit_part_needs_every_shard(store):
+def test_commit_part_needs_every_shard_and_removes_stray_folders(store):
     shards.write_shard(store, "logits", "m", 0, arrays(), "abc", rows=100)
     with pytest.raises(FusionError, match="shard-00001 is not committed"):
         shards.commit_part(store, "logits", "m", 2, "abc")
     shards.write_shard(store, "logits", "m", 1, arrays(), "abc", rows=100)
+    stray = shards.write_shard(store, "logits", "m", 1, {**arrays(), "ptr": np.zeros(3, np.int64)}, "abc", rows=1)
+    assert stray["rows"] == 100  # the first record holds
+    folders = [n for n in store.list("logits/m") if n.endswith(".zarr")]
+    assert len(folders) == 3  # shards 0 and 1, and the outraced twin of 1
     shards.commit_part(store, "logits", "m", 2, "abc")
     assert shards.is_part_committed(store, "logits", "m", "abc")
-    assert shards.part_status(store, "logits", "m").complete
+    status = shards.part_status(store, "logits", "m")
+    assert status.complete and status.rows == 200
+    assert sorted(n for n in store.list("logits/m") if n.endswith(".zarr")) == sorted(
+        {shards.read_record(store, "logits", "m", i)["path"] for i in (0, 1)}
+    )
 
 
-def test_exclusive_write_creates_once(store):
-    assert store.write_json("x/lease.json", {"a": 1}, exclusive=True)
-    assert not store.write_json("x/lease.json", {"a": 2}, exclusive=True)
-    assert store.read_json("x/lease.json") == {"a": 1}
+def test_create_writes_once(store):
+    assert store.create("x/lease.json", b"a")
+    assert not store.create("x/lease.json", b"b")
+    assert store.create("x/lease.json", b"a")  # holds exactly this: a retried create of our own
+    assert store.read_bytes("x/lease.json") == b"a"
+    assert store.write_json("x/y.json", {"a": 1}, exclusive=True)
+    assert json.loads(store.read_bytes("x/y.json")) == {"a": 1}
 
 
 def test_files_shard_roundtrip(store, tmp_path):

@@ -1,8 +1,10 @@
 """align: each source's distributions moved onto the target's rows and vocabulary.
 
 Per source and shard: for every target row, the source's distribution over target ids (or
-none), as sparse rows (fusion/sparse.py): counts (uint8), ids (narrow), logprobs and tail
-(float16); plus the source's per-block NLL, bytes and token count, which fusion compares.
+none), as sparse rows (fusion/sparse.py): counts, ids, logprobs and tail (float16); plus the
+source's per-block NLL, bytes and token count, which fusion compares. Stored compactly and
+exactly (fusion/encoding.py), the rows against the target's tokens (which the target's
+logits hold), so the real token's id is left out where a row lists it.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import os
 
 import numpy as np
 
-from fusion import shards
+from fusion import encoding, shards
 from fusion.run import Run
 from fusion.stages import logits, split, vocab
 
 NAME = "align"
+FORMAT = 2  # storage format; part of the config hash
 
 
 def parts(run: Run) -> list[str]:
@@ -32,6 +35,7 @@ def fingerprint(run: Run, part: str) -> dict:
         "source_logits": run.hash("logits", part),
         "vocab": run.hash("vocab", part),
         "mode": run.spec.align.mode,
+        "format": FORMAT,
     }
 
 
@@ -62,13 +66,11 @@ def run_shard(run: Run, part: str, index: int) -> None:
     )
     target_vocab = len(run.tokenizers[run.target.name])
     arrays = {
-        "counts": rows.counts.astype(np.uint8),
-        "ids": rows.ids.astype(logits.id_dtype(target_vocab)),
-        "logprobs": rows.logprobs.astype(np.float16),
+        **encoding.encode_rows(rows.counts, rows.ids, rows.logprobs, target["tokens"], target_vocab),
         "tail": rows.tail.astype(np.float16),
         "seq_nll": source["seq_nll"],
-        "seq_bytes": source["seq_bytes"],
-        "seq_tokens": np.diff(source["seq_ptr"]),
+        "seq_bytes": encoding.narrow_uint(source["seq_bytes"]),
+        "seq_tokens": encoding.narrow_uint(np.diff(source["seq_ptr"])),
     }
     covered = float((rows.counts > 0).mean()) if rows.rows else 0.0
     shards.write_shard(
@@ -76,5 +78,19 @@ def run_shard(run: Run, part: str, index: int) -> None:
     )
 
 
-def read(run: Run, part: str, index: int) -> dict[str, np.ndarray]:
-    return shards.read_shard(run.store, NAME, part, index)
+def read(run: Run, part: str, index: int, target_tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """counts (int32), ids (int32), logprobs and tail (float16), seq_nll (float32), seq_bytes
+    and seq_tokens (int64). The target's tokens of the shard are read if not given."""
+    stored = shards.read_shard(run.store, NAME, part, index, config_hash=run.hash(NAME, part))
+    if target_tokens is None:
+        target_tokens = logits.read(run, run.target.name, index, ["tokens"])["tokens"]
+    counts, ids, logprobs = encoding.decode_rows(stored, target_tokens)
+    return {
+        "counts": counts,
+        "ids": ids,
+        "logprobs": logprobs,
+        "tail": stored["tail"],
+        "seq_nll": stored["seq_nll"],
+        "seq_bytes": stored["seq_bytes"].astype(np.int64),
+        "seq_tokens": stored["seq_tokens"].astype(np.int64),
+    }

@@ -2,16 +2,18 @@
 distribution and every aligned source (fusion/fusing.py: MinCE or AvgCE, per block or per
 token), packed with the target's tokens as the training set.
 
-Arrays per shard: tokens (target ids) and seq_ptr (block offsets), the fused sparse rows
-(counts uint8, ids, logprobs float16, tail float16), and per block `choice`: the candidate
-with the best metric on the block (0 = the target itself, i = source i), for the logs.
+Arrays per shard (as `read` gives them): tokens (target ids) and seq_ptr (block offsets), the
+fused sparse rows (counts, ids, logprobs float16, tail float16), and per block `choice`: the
+candidate with the best metric on the block (0 = the target itself, i = source i), for the logs.
+Stored compactly and exactly (fusion/encoding.py: row-wise log-prob deltas, the real token's
+id left out of its row).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fusion import shards
+from fusion import encoding, shards
 from fusion.fusing import fuse, paper_reward, sequence_metric
 from fusion.run import Run
 from fusion.sparse import SparseRows
@@ -19,6 +21,7 @@ from fusion.stages import align, logits, split
 
 NAME = "fuse"
 PART = "train"
+FORMAT = 2  # storage format; part of the config hash
 
 
 def parts(run: Run) -> list[str]:
@@ -34,6 +37,7 @@ def fingerprint(run: Run, part: str) -> dict:
         "target_logits": run.hash("logits", run.target.name),
         "aligned": [run.hash("align", s.name) for s in run.sources],
         "fuse": run.spec.fuse.model_dump(mode="json"),
+        "format": FORMAT,
     }
 
 
@@ -44,7 +48,7 @@ def shard_count(run: Run, part: str) -> int:
 def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.spec.fuse
     own = logits.read(run, run.target.name, index)
-    aligned = [align.read(run, s.name, index) for s in run.sources]
+    aligned = [align.read(run, s.name, index, own["tokens"]) for s in run.sources]
     candidates = [SparseRows.from_topk(own["topk_ids"], own["topk_logprobs"], own["tail"])]
     candidates += [
         SparseRows(a["counts"].astype(np.int32), a["ids"].astype(np.int32), a["logprobs"].astype(np.float32), a["tail"].astype(np.float32))
@@ -72,10 +76,8 @@ def run_shard(run: Run, part: str, index: int) -> None:
         choice = np.argmin(costs, axis=0)
     arrays = {
         "tokens": own["tokens"],
-        "seq_ptr": own["seq_ptr"],
-        "counts": fused.counts.astype(np.uint8),
-        "ids": fused.ids.astype(own["tokens"].dtype),
-        "logprobs": fused.logprobs.astype(np.float16),
+        "seq_len": encoding.narrow_uint(np.diff(own["seq_ptr"])),
+        **encoding.encode_rows(fused.counts, fused.ids, fused.logprobs, own["tokens"], vocab_size),
         "tail": fused.tail.astype(np.float16),
         "choice": choice.astype(np.uint8),
     }
@@ -83,4 +85,18 @@ def run_shard(run: Run, part: str, index: int) -> None:
 
 
 def read(run: Run, index: int) -> dict[str, np.ndarray]:
-    return shards.read_shard(run.store, NAME, PART, index)
+    """tokens, seq_ptr (int64), counts (int32), ids (int32), logprobs (float16), tail, choice."""
+    return decode(shards.read_shard(run.store, NAME, PART, index, config_hash=run.hash(NAME, PART)))
+
+
+def decode(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    counts, ids, logprobs = encoding.decode_rows(stored, stored["tokens"])
+    return {
+        "tokens": stored["tokens"],
+        "seq_ptr": encoding.row_ptr(stored["seq_len"].astype(np.int64)),
+        "counts": counts,
+        "ids": ids,
+        "logprobs": logprobs,
+        "tail": stored["tail"],
+        "choice": stored["choice"],
+    }
