@@ -9,7 +9,9 @@ arrays into small integers that zstd compresses well:
   out of order, round-trip). Differences are a few hundred ulps: about one byte each.
 - ids: row r describes token r (the real next token, `tokens[r]`). Where the real token is in
   the row, its position goes into `rank` (uint8; RANK_ABSENT where it is not) and its id is
-  left out of the id stream, since `tokens` already holds it.
+  left out of the id stream, since `tokens` already holds it. The other ids are stored as
+  their place in `id_table`, the shard's distinct ids from most to least frequent: frequent
+  tokens get small numbers, so the high bytes are mostly zero.
 - a row's real-token NLL equals minus the log-prob at `rank` wherever the token is listed (the
   logits stage computes both from the same float32 value), so only the other rows' NLL is
   stored (`nll_absent`).
@@ -82,23 +84,36 @@ def real_token_rank(counts: np.ndarray, ids: np.ndarray, tokens: np.ndarray) -> 
     return rank
 
 
+def frequency_table(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(table, places): the distinct ids from most to least frequent (ties by id), and each
+    id's place in it, so that table[places] == ids."""
+    counts = np.bincount(ids.astype(np.int64)) if len(ids) else np.zeros(0, dtype=np.int64)
+    present = np.flatnonzero(counts)
+    table = present[np.argsort(-counts[present], kind="stable")]
+    lookup = np.zeros(len(counts), dtype=np.int64)
+    lookup[table] = np.arange(len(table))
+    return table, lookup[ids.astype(np.int64)]
+
+
 def encode_rows(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tokens: np.ndarray | None, vocab_size: int) -> dict[str, np.ndarray]:
-    """Sparse rows as compact arrays: counts, lp_delta, ids, and rank when tokens are given."""
+    """Sparse rows as compact arrays: counts, lp_delta, id_table, ids (places in id_table),
+    and rank when tokens are given."""
     counts = np.asarray(counts)
     if len(ids) and int(ids.min()) < 0:
         raise ValueError("sparse rows hold negative ids")
     dt = id_dtype(max(vocab_size, int(ids.max(initial=-1)) + 1))
     ptr = row_ptr(counts)
     out = {"counts": narrow_uint(counts), "lp_delta": delta_f16(logprobs.astype(np.float16), ptr)}
-    if tokens is None:
-        out["ids"] = ids.astype(dt)
-        return out
-    rank = real_token_rank(counts, ids, tokens)
-    keep = np.ones(len(ids), dtype=bool)
-    listed = rank != RANK_ABSENT
-    keep[ptr[:-1][listed] + rank[listed]] = False
-    out["ids"] = ids[keep].astype(dt)
-    out["rank"] = rank
+    if tokens is not None:
+        rank = real_token_rank(counts, ids, tokens)
+        keep = np.ones(len(ids), dtype=bool)
+        listed = rank != RANK_ABSENT
+        keep[ptr[:-1][listed] + rank[listed]] = False
+        ids = ids[keep]
+        out["rank"] = rank
+    table, places = frequency_table(ids)
+    out["id_table"] = table.astype(dt)
+    out["ids"] = narrow_uint(places)
     return out
 
 
@@ -108,10 +123,14 @@ def decode_logprobs(stored: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def decode_ids(stored: dict[str, np.ndarray], tokens: np.ndarray | None, id_type=np.int32) -> np.ndarray:
-    """The rows' ids (flat) from counts, ids and, where the rows were stored against their
-    real tokens, rank and tokens."""
+    """The rows' ids (flat) from counts, id_table, ids and, where the rows were stored
+    against their real tokens, rank and tokens."""
+    table, places = stored["id_table"], stored["ids"]
+    if len(places) and int(places.max()) >= len(table):
+        raise FusionError(f"stored rows: an id's place {int(places.max())} lies beyond the id table ({len(table)})")
+    listed_ids = table.astype(id_type)[places]
     if "rank" not in stored:
-        return stored["ids"].astype(id_type)
+        return listed_ids
     if tokens is None:
         raise FusionError("rows were stored against their real tokens; decoding their ids needs them")
     counts = stored["counts"].astype(np.int64)
@@ -125,10 +144,10 @@ def decode_ids(stored: dict[str, np.ndarray], tokens: np.ndarray | None, id_type
     slot = ptr[:-1][listed] + rank[listed]
     keep = np.ones(int(ptr[-1]), dtype=bool)
     keep[slot] = False
-    if int(keep.sum()) != len(stored["ids"]):
-        raise FusionError(f"stored rows: {len(stored['ids'])} ids but the ranks leave room for {int(keep.sum())}")
+    if int(keep.sum()) != len(listed_ids):
+        raise FusionError(f"stored rows: {len(listed_ids)} ids but the ranks leave room for {int(keep.sum())}")
     ids = np.empty(int(ptr[-1]), dtype=id_type)
-    ids[keep] = stored["ids"]
+    ids[keep] = listed_ids
     ids[slot] = tokens[listed]
     return ids
 

@@ -44,6 +44,7 @@ from fusion.store import Store, json_bytes
 
 CHUNK_BYTES = 4 << 20  # uncompressed bytes of an inner chunk
 SHARD_BYTES = 256 << 20  # uncompressed bytes of one stored object (a Zarr shard) at most
+BLOSC_LEVEL = 5  # Blosc's scale: zstd level 9 inside
 ZSTD_LEVEL = 9
 COMMITTED = "_COMMITTED.json"
 
@@ -138,7 +139,7 @@ def _layout(a: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _compressors(dtype: np.dtype) -> list:
     if dtype.itemsize > 1:
-        squeeze = BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle=BloscShuffle.shuffle, typesize=dtype.itemsize)
+        squeeze = BloscCodec(cname="zstd", clevel=BLOSC_LEVEL, shuffle=BloscShuffle.shuffle, typesize=dtype.itemsize)
     else:
         squeeze = ZstdCodec(level=ZSTD_LEVEL)
     return [squeeze, Crc32cCodec()]

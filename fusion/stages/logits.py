@@ -144,6 +144,7 @@ class TopK:
 def top_k_rows(logits, targets, k: int):
     """For float32 logits [rows, vocab]: top-k ids (int32) and log-probs (float16) ordered by
     value then id, tail (float16) and the targets' NLL (float32), all on the logits' device.
+    (Which of several values tied at the k-th place is kept is torch.topk's choice.)
 
     On CPUs a two-stage selection is used: the maximum of every group of GROUP columns, the k
     groups with the largest maxima (which must hold the k largest values), then top-k among
@@ -251,7 +252,7 @@ def pack(token_ids: list[list[int]], results: list, text_bytes: list[int], vocab
 NEEDS = {
     "tokens": ["tokens"],
     "seq_ptr": ["seq_len"],
-    "topk_ids": ["counts", "ids", "rank", "tokens"],
+    "topk_ids": ["counts", "id_table", "ids", "rank", "tokens"],
     "topk_logprobs": ["counts", "lp_delta"],
     "tail": ["tail"],
     "nll": ["counts", "lp_delta", "rank", "nll_absent"],
