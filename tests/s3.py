@@ -39,6 +39,7 @@ class FaultyProxy:
         self.rate, self.stall_seconds = rate, stall_seconds
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.counts = {"requests": 0, "refuse": 0, "lose": 0, "stall": 0}
+        self.writes: list[tuple[str, str, int]] = []  # (method, path, upstream status) of PUT/DELETE
         self.enabled = True
         proxy = self
 
@@ -81,6 +82,9 @@ class FaultyProxy:
         if fault == "refuse":
             return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"SlowDown"))
         status, headers, payload = self._forward(h, body)
+        if h.command in ("PUT", "DELETE"):
+            with self.lock:
+                self.writes.append((h.command, h.path.split("?")[0], status))
         if fault == "lose":
             return _reply(h, 500, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"InternalError"))
         if fault == "stall":

@@ -74,14 +74,19 @@ def run_shard(run: Run, part: str, index: int) -> None:
         choice = np.argmax(paper_reward(costs), axis=0)  # first maximum: ties go to the target
     else:
         choice = np.argmin(costs, axis=0)
-    arrays = {
-        "tokens": own["tokens"],
-        "seq_len": encoding.narrow_uint(np.diff(own["seq_ptr"])),
-        **encoding.encode_rows(fused.counts, fused.ids, fused.logprobs, own["tokens"], vocab_size),
+    arrays = pack(own["tokens"], own["seq_ptr"], fused, choice, vocab_size)
+    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs={"fusion": stats})
+
+
+def pack(tokens: np.ndarray, seq_ptr: np.ndarray, fused: SparseRows, choice: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+    """The stored arrays of a packed shard (fusion/encoding.py)."""
+    return {
+        "tokens": tokens.astype(encoding.id_dtype(max(vocab_size, int(tokens.max(initial=0)) + 1))),
+        "seq_len": encoding.narrow_uint(np.diff(seq_ptr)),
+        **encoding.encode_rows(fused.counts, fused.ids, fused.logprobs, tokens, vocab_size),
         "tail": fused.tail.astype(np.float16),
         "choice": choice.astype(np.uint8),
     }
-    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs={"fusion": stats})
 
 
 def read(run: Run, index: int) -> dict[str, np.ndarray]:

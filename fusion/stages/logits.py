@@ -200,6 +200,19 @@ def compute_dtype(run: Run, part: str, device: str) -> str:
     return "bfloat16" if device == "cuda" else run.model(part).dtype
 
 
+_scorer: dict = {}  # the last model used, kept for the next shard of the same part
+
+
+def scorer_for(run: Run, part: str, device: str) -> TopK:
+    spec = run.model(part)
+    dtype = compute_dtype(run, part, device)
+    key = (run.hash(NAME, part), device, dtype)
+    if key not in _scorer:
+        _scorer.clear()
+        _scorer[key] = TopK(models.load_model(spec, device, dtype=dtype), run.spec.logits.top_k, device)
+    return _scorer[key]
+
+
 def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.model(part)
     tokenizer = run.tokenizers[part]
@@ -209,8 +222,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         if len(ids) > run.spec.split.block_tokens:
             raise FusionError(f"model '{part}': block {i} of split shard {index} has {len(ids)} tokens > split.block_tokens")
     device = models.pick_device(run.spec.logits.device)
-    model = models.load_model(spec, device, dtype=compute_dtype(run, part, device))
-    scorer = TopK(model, run.spec.logits.top_k, device)
+    scorer = scorer_for(run, part, device)
     bos = models.context_token_id(spec, tokenizer)
     results: list = [None] * len(texts)
     batches = length_batches([len(ids) for ids in token_ids], run.spec.logits.batch_tokens)
