@@ -1,0 +1,76 @@
+"""Leases: one holder per generation, expiry and takeover, lost leases; workers refuse
+outputs of another configuration and wait for their inputs."""
+
+import time
+
+import pytest
+
+from fusion import leases, shards
+from fusion.cli import main
+from fusion.config import parse_spec
+from fusion.errors import NOT_READY_EXIT_CODE, FusionError
+from fusion.run import Run
+from fusion.store import Store
+from fusion.worker import run_worker
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return Store(str(tmp_path / "run"))
+    return Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+
+
+def test_one_holder_then_takeover_after_expiry(store):
+    a = leases.claim(store, "align", "src", 3, "a", ttl=1.0)
+    assert a is not None and a.generation == 1
+    assert leases.claim(store, "align", "src", 3, "b", ttl=1.0) is None  # live: leave it
+    assert a.renew()
+    time.sleep(1.2)  # a stops renewing: its lease expires
+    b = leases.claim(store, "align", "src", 3, "b", ttl=1.0)
+    assert b is not None and b.generation == 2
+    assert not a.renew() and a.lost  # a learns it was presumed dead
+    assert leases.claim(store, "align", "src", 3, "c", ttl=1.0) is None
+    b.finish()
+    assert leases.newest_generations(store, "align", "src") == {}
+
+
+def test_racing_claims_give_one_holder(store):
+    got = [leases.claim(store, "logits", "m", 0, f"w{i}", ttl=30, newest=0) for i in range(5)]
+    assert sum(g is not None for g in got) == 1
+
+
+def test_released_lease_is_free_at_once(store):
+    a = leases.claim(store, "logits", "m", 1, "a", ttl=60)
+    a.release()
+    b = leases.claim(store, "logits", "m", 1, "b", ttl=60)
+    assert b is not None and b.generation == 2
+
+
+def test_renewal_thread_keeps_the_lease(store):
+    a = leases.claim(store, "logits", "m", 2, "a", ttl=0.8)
+    a.start_renewing()
+    time.sleep(1.6)
+    assert leases.claim(store, "logits", "m", 2, "b", ttl=0.8) is None
+    a.stop_renewing()
+
+
+def test_worker_refuses_another_configuration(micro, tmp_path):
+    spec = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12})
+    run_worker(Run(parse_spec(spec)), "split", log=lambda *a, **k: None)
+    changed = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12, "split.block_tokens": 60})
+    with pytest.raises(FusionError, match="split/_plan.json was made with config hash"):
+        run_worker(Run(parse_spec(changed)), "split", log=lambda *a, **k: None)
+    # a record of another configuration among this one's is refused too
+    run = Run(parse_spec(spec))
+    store = run.store
+    store.remove(f"split/train/{shards.COMMITTED}")
+    record = store.read_json(shards.record_path("split", "train", 0))
+    store.write_json(shards.record_path("split", "train", 0), {**record, "config_hash": "0123456789abcdef"})
+    with pytest.raises(FusionError, match="shard-00000.json was written with config hash 0123456789abcdef"):
+        run_worker(run, "split", log=lambda *a, **k: None)
+
+
+def test_worker_before_its_inputs_exits_to_be_retried(micro, tmp_path):
+    spec_path = micro.write_spec(tmp_path / "spec.yaml", tmp_path / "run")
+    assert main(["worker", "align", str(spec_path)]) == NOT_READY_EXIT_CODE
