@@ -1,0 +1,136 @@
+"""How much time the logits stage spends beyond the model's forward pass, at batch 8 x 2048.
+
+    python bench/bench_logits.py [--vocab 32000] [--repeats 3] [--store URL]
+
+One process, side by side, repeated and interleaved (the median is reported):
+- forward:  `model(input_ids, attention_mask).logits`, the plain forward pass (baseline)
+- stage:    what the stage does for the same batch: the model body, the output layer in
+            chunks of rows, top-k / log-sum-exp / NLL on the device, the copy to the host,
+            packing and encoding, compression, and the upload to a store
+- naive:    the forward pass followed by the textbook post-processing (log_softmax over the
+            whole [batch, length, vocab] tensor, topk, gather), as the stage did before
+
+The model is a tiny Llama (hidden 128, 2 layers) with a real tokenizer's vocabulary (Llama-2's
+32000 by default) and random weights: the time of the forward pass and of top-k does not
+depend on what the weights are. The text is real (../shared/assets), tokenized by Llama-2's
+tokenizer. Prints JSON; `overhead_ratio` = (stage - forward) / forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fusion import shards  # noqa: E402
+from fusion.stages import logits  # noqa: E402
+from fusion.store import Store  # noqa: E402
+
+BATCH, LENGTH, K = 8, 2048, 10
+
+
+def model_with_vocab(vocab: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=384, max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def real_blocks(vocab: int) -> list[list[int]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import realtext
+
+    tok = realtext.tokenizer("tok-llama2")
+    text = realtext.corpora()["docs"][:400_000]
+    ids = [t % vocab for t in tok(text, add_special_tokens=False)["input_ids"]]
+    return [ids[i * LENGTH : (i + 1) * LENGTH - 1] for i in range(BATCH)]  # BOS + 2047 = 2048 positions
+
+
+def naive(model, inputs, mask, targets, real):
+    with torch.inference_mode():
+        lg = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
+        lp = torch.log_softmax(lg.float(), dim=-1)
+        top_lp, top_ids = lp.topk(K, dim=-1)
+        tail = (1.0 - top_lp.exp().sum(-1)).clamp_min(0.0)
+        nll = -lp.gather(-1, inputs[:, 1:, None]).squeeze(-1)
+        return top_ids[real].cpu(), top_lp[real].cpu(), tail[real].cpu(), nll[real].cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--store", help="store URL for the upload (default: a temporary local folder)")
+    args = parser.parse_args()
+
+    model = model_with_vocab(args.vocab)
+    blocks = real_blocks(args.vocab)
+    scorer = logits.TopK(model, K, "cpu")
+    inputs = torch.tensor([[1] + b for b in blocks])
+    mask = torch.ones_like(inputs)
+    real = mask[:, 1:].bool()
+    tmp = tempfile.TemporaryDirectory()
+    store = Store(args.store or tmp.name)
+    text_bytes = [4 * len(b) for b in blocks]
+
+    def forward():
+        with torch.inference_mode():
+            return model(input_ids=inputs, attention_mask=mask).logits
+
+    times = {"forward": [], "stage": [], "stage_compute": [], "pack_compress_upload": [], "naive": []}
+    for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+        t0 = time.perf_counter()
+        forward()
+        t1 = time.perf_counter()
+        results = scorer(blocks, 1)
+        t2 = time.perf_counter()
+        arrays = logits.pack(blocks, results, text_bytes, args.vocab, K)
+        record = shards.write_shard(store, "logits", "bench", rep, arrays, "bench", rows=len(arrays["tokens"]))
+        t3 = time.perf_counter()
+        naive(model, inputs, mask, inputs[:, 1:], real)
+        t4 = time.perf_counter()
+        if rep:
+            times["forward"].append(t1 - t0)
+            times["stage_compute"].append(t2 - t1)
+            times["pack_compress_upload"].append(t3 - t2)
+            times["stage"].append(t3 - t1)
+            times["naive"].append(t4 - t3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = BATCH * LENGTH
+    print(
+        json.dumps(
+            {
+                "batch": [BATCH, LENGTH],
+                "vocab": args.vocab,
+                "model": "llama hidden 128, 2 layers, random weights",
+                "device": "cpu",
+                "torch_threads": torch.get_num_threads(),
+                "split_head": scorer.split_head,
+                "seconds_median": {k: round(v, 4) for k, v in med.items()},
+                "overhead_ratio": round((med["stage"] - med["forward"]) / med["forward"], 4),
+                "naive_overhead_ratio": round((med["naive"] - med["forward"]) / med["forward"], 4),
+                "pack_compress_upload_ratio": round(med["pack_compress_upload"] / med["forward"], 4),
+                "stored_bytes_per_token": round(record["stored_bytes"] / tokens, 2),
+                "store": store.url if args.store else "local temporary folder",
+                "repeats": args.repeats,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
