@@ -141,44 +141,68 @@ def dtw_band(a, b, af, ap, bf, bp, lo, hi, margin):
     return count, row_of, touched, cost
 
 
-def band(a_first: np.ndarray, a_last: np.ndarray, m: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Band rows for DTW: row i spans target columns a_first[i]-width .. a_last[i]+width, made
-    monotone and connected, and always holding the first and the last cell."""
-    n = len(a_first)
-    lo = np.clip(np.asarray(a_first, np.int64) - width, 0, m - 1)
-    hi = np.clip(np.asarray(a_last, np.int64) + width, 0, m - 1)
-    lo = np.maximum.accumulate(lo)
-    hi = np.maximum.accumulate(np.maximum(hi, lo))
+@njit(cache=True)
+def band(first, last, m, width):
+    """Band rows for DTW: row i spans target columns first[i]-width .. last[i]+width, made monotone
+    and connected, and always holding the first and the last cell."""
+    n = len(first)
+    lo = np.empty(n, np.int64)
+    hi = np.empty(n, np.int64)
+    for i in range(n):
+        lo[i] = min(max(first[i] - width, 0), m - 1)
+        hi[i] = min(max(last[i] + width, lo[i]), m - 1)
+        if i > 0:
+            lo[i] = max(lo[i], lo[i - 1])
+            hi[i] = max(hi[i], hi[i - 1], lo[i])
     lo[0] = 0
     hi[n - 1] = m - 1
-    lo[1:] = np.minimum(lo[1:], hi[:-1] + 1)
+    for i in range(1, n):
+        lo[i] = min(lo[i], hi[i - 1] + 1)
     return lo, hi
 
 
-def text_columns(a_start: np.ndarray, a_len: np.ndarray, b_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each source token (byte span a_start..a_start+a_len in the text), the target tokens
-    (by their byte starts b_start, ascending) holding its first and its last byte."""
-    first = np.searchsorted(b_start, a_start, side="right") - 1
-    last = np.searchsorted(b_start, a_start + np.maximum(a_len - 1, 0), side="right") - 1
-    return np.maximum(first, 0), np.maximum(last, 0)
+@njit(cache=True)
+def text_columns(a_start, a_len, b_start):
+    """For each source token (byte span a_start..a_start+a_len in the text, ascending), the target
+    tokens (by their byte starts b_start, ascending) holding its first and its last byte."""
+    n = len(a_start)
+    first = np.zeros(n, np.int64)
+    last = np.zeros(n, np.int64)
+    j = 0
+    for i in range(n):
+        while j + 1 < len(b_start) and b_start[j + 1] <= a_start[i]:
+            j += 1
+        first[i] = j
+        end = a_start[i] + max(a_len[i] - 1, 0)
+        q = j
+        while q + 1 < len(b_start) and b_start[q + 1] <= end:
+            q += 1
+        last[i] = q
+    return first, last
 
 
-def diagonal_columns(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+@njit(cache=True)
+def diagonal_columns(n, m):
     """Where there is no text alignment: the straight diagonal."""
-    col = np.round(np.arange(n) * ((m - 1) / max(n - 1, 1))).astype(np.int64)
-    return col, col
+    col = np.empty(n, np.int64)
+    for i in range(n):
+        col[i] = int(round(i * (m - 1) / max(n - 1, 1)))
+    return col, col.copy()
 
 
+@njit(cache=True)
 def dtw_path_columns(a, b, af, ap, bf, bp, first, last, width=32, margin=2):
     """Per target column: (count of path cells, source row where count == 1), exactly as the full
-    matrix gives them, computing a band around first/last and widening it when the walk touches
-    its edge. Also returns the band width that was finally used (len(b) or more means full)."""
-    a = np.asarray(a, np.int64)
-    b = np.asarray(b, np.int64)
-    n, m = len(a), len(b)
+    matrix gives them, computing a band around first/last and widening it four-fold while the walk
+    touches its edge (at last: the full matrix). Also returns the band width finally used."""
+    n = len(a)
+    m = len(b)
+    if n == 0 or m == 0:
+        return np.zeros(m, np.int32), np.full(m, -1, np.int32), 0
     while True:
         if width >= max(n, m):
-            lo, hi = np.zeros(n, np.int64), np.full(n, m - 1, np.int64)
+            lo = np.zeros(n, np.int64)
+            hi = np.full(n, m - 1, np.int64)
         else:
             lo, hi = band(first, last, m, width)
         count, row_of, touched, _ = dtw_band(a, b, af, ap, bf, bp, lo, hi, margin)

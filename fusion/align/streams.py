@@ -110,3 +110,47 @@ def spans(prefix: int, lengths: np.ndarray) -> np.ndarray:
     if len(lengths) > 1:
         np.cumsum(lengths[:-1], out=starts[1:])
     return starts - prefix
+
+
+@njit(cache=True, nogil=True)
+def block_prefixes(data, vptr, ids, id_ptr, text, text_ptr):
+    """Per block: 0 if the tokens spell the text, 1 if they spell a space and then the text,
+    -1 otherwise (the slow path then looks closer)."""
+    blocks = len(id_ptr) - 1
+    out = np.full(blocks, -1, np.int8)
+    for blk in range(blocks):
+        size = 0
+        for q in range(id_ptr[blk], id_ptr[blk + 1]):
+            size += vptr[ids[q] + 1] - vptr[ids[q]]
+        t0 = text_ptr[blk]
+        shift = size - (text_ptr[blk + 1] - t0)
+        if shift != 0 and shift != 1:
+            continue
+        pos = -shift  # position in the text of the next token byte (-1: the dummy space)
+        ok = True
+        for q in range(id_ptr[blk], id_ptr[blk + 1]):
+            for c in range(vptr[ids[q]], vptr[ids[q] + 1]):
+                if pos < 0:
+                    ok = data[c] == 0x20
+                else:
+                    ok = data[c] == text[t0 + pos]
+                pos += 1
+                if not ok:
+                    break
+            if not ok:
+                break
+        if ok:
+            out[blk] = shift
+    return out
+
+
+@njit(cache=True, nogil=True)
+def block_starts(lengths, id_ptr, prefixes):
+    """Start of every token in its block's text coordinates (see `spans`)."""
+    starts = np.empty(len(lengths), np.int64)
+    for blk in range(len(id_ptr) - 1):
+        pos = -np.int64(prefixes[blk])
+        for q in range(id_ptr[blk], id_ptr[blk + 1]):
+            starts[q] = pos
+            pos += lengths[q]
+    return starts
