@@ -1,0 +1,124 @@
+"""Loading models and tokenizers offline, and the checks that catch a bad model early."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fusion.config import ModelSpec
+from fusion.errors import FusionError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are local
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    """The model's local folder; `tiny:NAME` builds (once, cached) a built-in tiny model."""
+    if spec.path.startswith("tiny:"):
+        from fusion import tiny
+
+        return tiny.model_path(spec.path.removeprefix("tiny:"))
+    path = Path(spec.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FusionError(f"model '{spec.name}': {spec.path} is not a model folder (no config.json)")
+    return path
+
+
+def tokenizer_dir(spec: ModelSpec) -> Path:
+    if spec.tokenizer is None:
+        return model_dir(spec)
+    path = Path(spec.tokenizer).expanduser()
+    if not path.is_dir():
+        raise FusionError(f"model '{spec.name}': tokenizer folder {spec.tokenizer} does not exist")
+    return path
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path = tokenizer_dir(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise FusionError(f"model '{spec.name}': cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from None
+    if not getattr(tok, "is_fast", False):
+        raise FusionError(f"model '{spec.name}': the tokenizer in {path} is not a fast tokenizer (tokenizer.json needed)")
+    return tok
+
+
+def context_token_id(spec: ModelSpec, tokenizer) -> int:
+    """The token every block starts from: BOS, or EOS for models trained without a BOS."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise FusionError(f"model '{spec.name}': its tokenizer has neither a BOS nor an EOS token")
+
+
+def model_config(spec: ModelSpec) -> dict:
+    path = model_dir(spec) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FusionError(f"model '{spec.name}': cannot read {path} ({e})") from None
+
+
+def logit_width(config: dict) -> int:
+    width = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if not width:
+        raise FusionError(f"model config {config.get('_name_or_path', '')} has no vocab_size")
+    return int(width)
+
+
+def max_positions(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if key in config:
+            return int(config[key])
+    return None
+
+
+def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
+    """Cheap checks before any expensive work: vocabulary fits logits, blocks fit the context."""
+    config = model_config(spec)
+    width = logit_width(config)
+    if len(tokenizer) > width:
+        raise FusionError(
+            f"model '{spec.name}': tokenizer has {len(tokenizer)} tokens but the model has only "
+            f"{width} logits (vocab_size); they do not belong together"
+        )
+    longest = max_positions(config)
+    if longest is not None and block_tokens + 1 > longest:
+        raise FusionError(
+            f"model '{spec.name}': split.block_tokens={block_tokens} (+1 for BOS) exceeds the model's "
+            f"{longest} positions"
+        )
+    weights = list(model_dir(spec).glob("*.safetensors")) + list(model_dir(spec).glob("*.bin"))
+    if not weights:
+        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {model_dir(spec)}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(spec: ModelSpec, device: str = "cpu", path: Path | None = None, dtype: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    path = path or model_dir(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
+    except Exception as e:
+        raise FusionError(f"model '{spec.name}': cannot load {path} ({type(e).__name__}: {e})") from None
+    return model.to(device).eval()
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise FusionError("logits.device is 'cuda' but no CUDA device is available")
+    return setting

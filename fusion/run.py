@@ -1,0 +1,109 @@
+"""A run: the spec, its store, and the config hash of every stage output.
+
+A stage output's config hash covers exactly what determines its bytes: the stage's own
+settings and the hashes of the outputs it reads. Changing the training lambda therefore
+invalidates training and evaluation, but not the expensive logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from functools import cached_property
+from pathlib import Path
+
+from fusion import models
+from fusion.config import ModelSpec, RunSpec, fingerprint
+from fusion.errors import FusionError
+from fusion.store import Store
+
+RUN_RECORD = "run.json"
+PACKAGES = ["fusion-llm", "torch", "transformers", "tokenizers", "numpy", "zarr", "numba", "deepspeed"]
+
+
+class Run:
+    def __init__(self, spec: RunSpec, store_url: str | None = None, storage_options: dict | None = None):
+        self.spec = spec
+        self.store = Store(store_url or spec.store, storage_options)
+        self._hashes: dict[tuple[str, str], str] = {}
+
+    # ---- models -------------------------------------------------------------------------
+    @property
+    def target(self) -> ModelSpec:
+        return self.spec.models.target
+
+    @property
+    def sources(self) -> list[ModelSpec]:
+        return self.spec.models.sources
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.spec.models.all():
+            if m.name == name:
+                return m
+        raise FusionError(f"no model named '{name}' in the run spec")
+
+    @cached_property
+    def tokenizers(self) -> dict:
+        return {m.name: models.load_tokenizer(m) for m in self.spec.models.all()}
+
+    def tokenizer_hash(self, name: str) -> str:
+        folder = models.tokenizer_dir(self.model(name))
+        h = hashlib.sha256()
+        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            f = folder / fname
+            if f.exists():
+                h.update(fname.encode() + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def model_identity(self, name: str) -> dict:
+        """What identifies a model's weights without reading gigabytes: config and file sizes."""
+        spec = self.model(name)
+        folder = models.model_dir(spec)
+        weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        return {
+            "path": spec.path,
+            "dtype": spec.dtype,
+            "config": json.loads((folder / "config.json").read_text()),
+            "weights": weights,
+            "tokenizer": self.tokenizer_hash(name),
+        }
+
+    # ---- hashes -------------------------------------------------------------------------
+    def hash(self, stage: str, part: str) -> str:
+        key = (stage, part)
+        if key not in self._hashes:
+            from fusion.stages import STAGES
+
+            self._hashes[key] = fingerprint({"stage": stage, "part": part, **STAGES[stage].fingerprint(self, part)})
+        return self._hashes[key]
+
+    # ---- the run record -----------------------------------------------------------------
+    def write_record(self) -> None:
+        """run.json: the resolved spec, its hash and the package versions that ran it.
+
+        Credentials never reach it: the spec holds none (they come from the environment)."""
+        spec = self.spec.model_dump(mode="json", by_alias=True)
+        record = {
+            "spec": spec,
+            "spec_hash": fingerprint(spec),
+            "store": self.store.url,
+            "packages": {p: _version(p) for p in PACKAGES},
+        }
+        self.store.write_json(RUN_RECORD, record)
+
+    def preflight(self) -> None:
+        """Cheap checks that catch bad input before any expensive work."""
+        for m in self.spec.models.all():
+            models.check_model(m, self.tokenizers[m.name], self.spec.split.block_tokens)
+            models.context_token_id(m, self.tokenizers[m.name])
+        corpus = self.spec.corpus.path
+        if not corpus.startswith("tiny:") and not Path(corpus).expanduser().exists():
+            raise FusionError(f"corpus.path: {corpus} does not exist")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

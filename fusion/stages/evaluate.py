@@ -1,0 +1,169 @@
+"""eval: bits per byte on held-out text, for the target before and after fusion and for every
+source; a report (report.json, report.png) committed as `eval/report`.
+
+Bits per byte = total NLL of the text in bits / its UTF-8 bytes: it does not depend on the
+tokenizer, so models with different vocabularies compare fairly. Every block is scored from
+the model's BOS, so every byte of the text is predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fusion import models, shards
+from fusion.config import ModelSpec
+from fusion.errors import FusionError
+from fusion.progress import bar
+from fusion.run import Run
+from fusion.stages import align, logits, split, train
+
+NAME = "eval"
+PART = "report"
+
+
+def parts(run: Run) -> list[str]:
+    return [PART]
+
+
+def inputs(run: Run, part: str) -> list[tuple[str, str]]:
+    return [("split", "heldout"), ("train", train.PART)]
+
+
+def fingerprint(run: Run, part: str) -> dict:
+    return {
+        "heldout": run.hash("split", "heldout"),
+        "trained": run.hash("train", train.PART),
+        "models": [run.model_identity(m.name) for m in run.spec.models.all()],
+        "eval": run.spec.eval.model_dump(mode="json"),
+    }
+
+
+def shard_count(run: Run, part: str) -> int:
+    return 1
+
+
+def block_nll(model, tokenizer, bos: int, texts: list[str], batch_tokens: int, device: str, desc: str) -> np.ndarray:
+    """Total NLL (nats, float64) of each text under the model, every token predicted from BOS."""
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = np.zeros(len(texts), dtype=np.float64)
+    batches = logits.length_batches([len(ids) for ids in token_ids], batch_tokens)
+    for batch in bar(batches, desc=desc, unit="batch", leave=False):
+        results = logits.forward_topk(model, [token_ids[i] for i in batch], bos, 1, device)
+        for i, (_, _, _, nll) in zip(batch, results):
+            out[i] = nll.astype(np.float64).sum()
+    return out
+
+
+def heldout_blocks(run: Run) -> tuple[list[str], np.ndarray, list[str]]:
+    texts, domains = [], []
+    for i in range(split.shard_count(run, "heldout")):
+        t, arrays = split.read_blocks(run, "heldout", i)
+        texts += t
+        domains.append(arrays["domain"])
+    domain_names = split.plan(run)["domains"]
+    domains = np.concatenate(domains) if domains else np.zeros(0, dtype=np.uint8)
+    if run.spec.eval.max_blocks is not None:
+        texts, domains = texts[: run.spec.eval.max_blocks], domains[: run.spec.eval.max_blocks]
+    return texts, domains, domain_names
+
+
+def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], domains: np.ndarray, names: list[str], label: str) -> dict:
+    device = models.pick_device(run.spec.logits.device)
+    tokenizer = run.tokenizers[spec.name]
+    model = models.load_model(spec, device, path=folder)
+    nll = block_nll(model, tokenizer, models.context_token_id(spec, tokenizer), texts, run.spec.eval.batch_tokens, device, f"eval {label}")
+    nbytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.float64)
+    per_domain = {}
+    for d, name in enumerate(names):
+        sel = domains == d
+        if sel.any():
+            per_domain[name] = nll[sel].sum() / math.log(2) / nbytes[sel].sum()
+    return {"model": label, "path": str(folder or spec.path), "bits_per_byte": nll.sum() / math.log(2) / nbytes.sum(), "domains": per_domain}
+
+
+def run_shard(run: Run, part: str, index: int) -> None:
+    texts, domains, names = heldout_blocks(run)
+    if not texts:
+        raise FusionError("eval: no held-out text (raise corpus.heldout_fraction or add documents)")
+    with tempfile.TemporaryDirectory() as tmp:
+        fused = train.model_folder(run, Path(tmp) / "model")
+        results = [score(run, run.target, None, texts, domains, names, f"{run.target.name} (before)")]
+        results.append(score(run, run.target, fused, texts, domains, names, f"{run.target.name} (fused)"))
+        results += [score(run, s, None, texts, domains, names, s.name) for s in run.sources]
+        log = json.loads((fused / "train_log.json").read_text())
+        report = {
+            "run": run.spec.name,
+            "heldout": {"blocks": len(texts), "bytes": int(sum(len(t.encode("utf-8")) for t in texts))},
+            "method": {
+                "align": run.spec.align.mode,
+                "fuse": run.spec.fuse.model_dump(mode="json"),
+                "lambda": run.spec.train.lam,
+            },
+            "results": _rounded(results),
+            "training": {"steps": len(log), "first": log[0] if log else None, "last": log[-1] if log else None},
+            "coverage": coverage(run),
+        }
+        out = Path(tmp) / "report"
+        out.mkdir()
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot(report, log, out / "report.png")
+        shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART))
+
+
+def coverage(run: Run) -> dict:
+    """Share of target rows that received each source's distribution."""
+    out = {}
+    for s in run.sources:
+        rows = covered = 0
+        for i in range(align.shard_count(run, s.name)):
+            record = shards.read_record(run.store, "align", s.name, i)
+            rows += record["rows"]
+            covered += record["attrs"]["coverage"] * record["rows"]
+        out[s.name] = round(covered / rows, 6) if rows else None
+    return out
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def plot(report: dict, log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    domains = sorted({d for r in results for d in r["domains"]})
+    groups = ["all", *domains]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        values = [r["bits_per_byte"]] + [r["domains"].get(d, np.nan) for d in domains]
+        ax.bar(np.arange(len(groups)) + i * width, values, width, label=r["model"])
+    ax.set_xticks(np.arange(len(groups)) + width * (len(results) - 1) / 2, groups)
+    ax.set_ylabel("bits per byte (held out, lower is better)")
+    ax.set_title(f"{report['run']}: held-out bits per byte")
+    ax.legend(fontsize=8)
+    steps = [e["step"] for e in log]
+    for key in ("loss", "clm", "fusion"):
+        ax2.plot(steps, [e[key] for e in log], label=key)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("nats per token")
+    ax2.set_title("training loss")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+

@@ -1,0 +1,58 @@
+"""`fusion status`: what a run's store holds, per stage and part, read from commit records."""
+
+from __future__ import annotations
+
+from fusion import shards
+from fusion.config import parse_spec
+from fusion.errors import FusionError
+from fusion.run import RUN_RECORD
+from fusion.store import Store
+
+
+def expected_parts(spec) -> list[tuple[str, str, str]]:
+    """(stage, part, how the total is known) for every output of a run."""
+    models = [spec.models.target.name] + [s.name for s in spec.models.sources]
+    sources = models[1:]
+    out = [("split", "train", "plan"), ("split", "heldout", "plan")]
+    out += [("vocab", s, "one") for s in sources]
+    out += [("logits", m, "plan") for m in models]
+    out += [("align", s, "plan") for s in sources]
+    out += [("fuse", "train", "plan"), ("train", "model", "one"), ("eval", "report", "one")]
+    return out
+
+
+def status(url: str) -> dict:
+    store = Store(url)
+    record = store.read_json(RUN_RECORD)
+    if record is None:
+        raise FusionError(f"{store.uri(RUN_RECORD)} does not exist: not a fusion run store")
+    spec = parse_spec(record["spec"], store.uri(RUN_RECORD))
+    plan = store.read_json("split/_plan.json")
+    planned = len(plan["shards"]) if plan else None
+    rows = []
+    for stage, part, kind in expected_parts(spec):
+        s = shards.part_status(store, stage, part)
+        total = 1 if kind == "one" else planned
+        rows.append(
+            {
+                "stage": stage,
+                "part": part,
+                "shards": s.committed,
+                "total": total,
+                "complete": s.complete,
+                "rows": s.rows,
+                "bytes": s.stored_bytes,
+                "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in ("logits", "align", "fuse") else None,
+            }
+        )
+    return {"run": spec.name, "store": store.url, "parts": rows}
+
+
+def format_status(report: dict) -> str:
+    lines = [f"run {report['run']} at {report['store']}", f"{'stage':<7} {'part':<14} {'shards':>11} {'rows':>11} {'bytes':>13} {'B/token':>8}"]
+    for r in report["parts"]:
+        total = "?" if r["total"] is None else r["total"]
+        mark = " done" if r["complete"] else ""
+        per = "" if r["bytes_per_row"] is None else f"{r['bytes_per_row']:.1f}"
+        lines.append(f"{r['stage']:<7} {r['part']:<14} {r['shards']:>5} of {total:<3} {r['rows']:>11,} {r['bytes']:>13,} {per:>8}{mark}")
+    return "\n".join(lines)
