@@ -213,13 +213,16 @@ def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
 
 def bytes_to_id(view: TokenView) -> dict[bytes, int]:
     """The id a tokenizer would use for each byte string it has a token for: added tokens before
-    model tokens before byte-fallback pieces, then the lowest id."""
-    rank = np.where(view.added, 0, np.where(view.byte_piece, 2, 1))
-    lengths = view.lengths
-    ids = [i for i in range(view.size) if lengths[i] > 0 and not view.special[i]]
-    table = {}
-    for i in sorted(ids, key=lambda i: (rank[i], i), reverse=True):
-        table[view.token_bytes(i)] = i
+    model tokens before byte-fallback pieces, then the lowest id (kept on the view once built)."""
+    table = view.__dict__.get("_bytes_to_id")
+    if table is None:
+        rank = np.where(view.added, 0, np.where(view.byte_piece, 2, 1))
+        lengths = view.lengths
+        ids = [i for i in range(view.size) if lengths[i] > 0 and not view.special[i]]
+        table = {}
+        for i in sorted(ids, key=lambda i: (rank[i], i), reverse=True):
+            table[view.token_bytes(i)] = i
+        view.__dict__["_bytes_to_id"] = table
     return table
 
 
