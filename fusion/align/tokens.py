@@ -65,7 +65,7 @@ class TokenView:
     bos_id: int  # -1 where the tokenizer has none
     eos_id: int
     unk_id: int
-    hash: str  # content hash of the tokenizer plus VIEW_VERSION
+    hash: str  # hash of everything above (so cached tables follow any change in the derivation)
     name: str = ""
 
     @property
@@ -201,7 +201,11 @@ def build_view(
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=ptr[1:])
     data = np.frombuffer(b"".join(pieces), dtype=np.uint8).copy()
-    view_hash = hashlib.sha256(f"{VIEW_VERSION}:{hash}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{VIEW_VERSION}:{hash}:{marker}:{byte_level}".encode())
+    for part in (data, ptr, special, byte_piece, added, np.array([bos_id, eos_id, unk_id])):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update("\0".join(strings).encode("utf-8", "surrogatepass"))
+    view_hash = digest.hexdigest()[:32]
     return TokenView(strings, marker, byte_level, data, ptr, special, byte_piece, added,
                      bos_id, eos_id, unk_id, view_hash, name)
 

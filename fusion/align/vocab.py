@@ -49,12 +49,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSION_CACHE_DIR") or Path.home() / ".cache" / "fusion")
 
 
-def cached(kind: str, source: TokenView, target: TokenView, build) -> np.ndarray:
-    """build() once per (kind, source, target), kept in the on-disk cache."""
+def cached(kind: str, source: TokenView, target: TokenView, size: int, build) -> np.ndarray:
+    """build() once per (kind, source, target), kept in the on-disk cache; a cached table of
+    another length than `size` (a damaged file) is rebuilt."""
     key = hashlib.sha256(f"{kind}:{MAP_VERSION}:{source.hash}:{target.hash}".encode()).hexdigest()[:40]
     path = cache_dir() / "vocab" / f"{kind}-{key}.npy"
     try:
-        return np.load(path)
+        table = np.load(path)
+        if table.shape == (size,) and table.dtype == np.int32:
+            return table
     except (OSError, ValueError):
         pass
     table = build()
@@ -76,7 +79,7 @@ def vocab_map(source: TokenView, target: TokenView, mode: str) -> np.ndarray:
     build = {"default": lambda: default_map(source, target),
              "reference-hard": lambda: hard_map(source, target),
              "reference-soft": lambda: soft_map(source, target)}[mode]
-    return cached(mode, source, target, build)
+    return cached(mode, source, target, source.size, build)
 
 
 # --- reference modes -------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def continuation_table(source: TokenView, target: TokenView) -> np.ndarray:
             for k in range(1, len(data)):
                 out[base + k] = _longest_prefix(table, data[k:], longest)
         return out
-    return cached("continuation", source, target, build)
+    return cached("continuation", source, target, len(source.data), build)
 
 
 def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
@@ -285,4 +288,4 @@ def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
             else:
                 out[x] = _longest_prefix(table, b" " + source.token_bytes(x), longest)
         return out
-    return cached("dummy", source, target, build)
+    return cached("dummy", source, target, source.size, build)
