@@ -15,11 +15,14 @@ Modes:
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
   are admissible, because probability the source gives to "the text goes on with these bytes"
   belongs to the target token the text would then start with, not to a look-alike (" cat" ->
-  " ca" rather than " hat"). Where several target tokens spell the same bytes, added tokens win
-  over model tokens and model tokens over byte-fallback pieces (the order tokenizers produce
-  them in), then the lowest id. A source BOS/EOS maps to the target's BOS/EOS (EOS first where a
-  tokenizer uses one token for both); other special tokens, and tokens no target token is a
-  prefix of, map to the target's unknown token if it has one, else -1.
+  " ca" rather than " hat"). Byte-fallback pieces only count for bytes the target has no
+  ordinary token for (it never emits "<0xC3>" for an "é" it has a token for): where ordinary
+  target tokens continue the bytes (a source token that ends inside a character), the target
+  token is unknowable and the map says -1. Where several target tokens spell the same bytes,
+  added tokens win over model tokens and model tokens over byte-fallback pieces (the order
+  tokenizers produce them in), then the lowest id. A source BOS/EOS maps to the target's BOS/EOS
+  (EOS first where a tokenizer uses one token for both); other special tokens, and bytes the
+  target cannot spell at all, map to the target's unknown token if it has one, else -1.
 
 `continuation_table` / `dummy_prefix_table` extend the default map to source tokens whose first
 bytes are already committed (default.py) or that follow a target's dummy space.
@@ -41,7 +44,7 @@ from numba import njit, prange
 from ..errors import FusionError
 from .tokens import TokenView, codepoints
 
-MAP_VERSION = "1"
+MAP_VERSION = "2"
 MODES = ("default", "reference-hard", "reference-soft")
 
 
@@ -229,12 +232,37 @@ def bytes_to_id(view: TokenView) -> dict[bytes, int]:
     return table
 
 
-def _longest_prefix(table: dict[bytes, int], data: bytes, longest: int) -> int:
-    for size in range(min(len(data), longest), 0, -1):
-        hit = table.get(data[:size])
-        if hit is not None:
-            return hit
-    return -1
+class FirstToken:
+    """The target token a byte string begins with, as far as the string tells.
+
+    The longest ordinary target token (not a byte-fallback piece) that is a prefix of it. Failing
+    that: if some ordinary token starts with the whole string (a character cut short, such as the
+    first byte of "é"), the target will spell it with one of those and we cannot tell which: -1;
+    else the target has no ordinary token for these bytes and spells them with byte pieces: the
+    piece of the first byte (-1 where it has none)."""
+
+    def __init__(self, target: TokenView):
+        table = bytes_to_id(target)
+        self.ordinary = {b: i for b, i in table.items() if not target.byte_piece[i]}
+        self.pieces = {b: i for b, i in table.items() if target.byte_piece[i]}
+        self.started = {b[:k] for b in self.ordinary for k in range(1, len(b))}
+        self.longest = max((len(b) for b in self.ordinary), default=0)
+
+    def __call__(self, data: bytes) -> int:
+        for size in range(min(len(data), self.longest), 0, -1):
+            hit = self.ordinary.get(data[:size])
+            if hit is not None:
+                return hit
+        if not data or data in self.started:
+            return -1
+        return self.pieces.get(data[:1], -1)
+
+
+def first_token(target: TokenView) -> FirstToken:
+    lookup = target.__dict__.get("_first_token")
+    if lookup is None:
+        lookup = target.__dict__["_first_token"] = FirstToken(target)
+    return lookup
 
 
 def _special_map(source: TokenView, target: TokenView, x: int) -> int:
@@ -246,15 +274,17 @@ def _special_map(source: TokenView, target: TokenView, x: int) -> int:
 
 
 def default_map(source: TokenView, target: TokenView) -> np.ndarray:
-    table = bytes_to_id(target)
-    longest = max((len(b) for b in table), default=0)
+    first = first_token(target)
     out = np.full(source.size, -1, dtype=np.int32)
     for x in range(source.size):
         if source.special[x] or source.lengths[x] == 0:
             out[x] = _special_map(source, target, x)
             continue
-        hit = _longest_prefix(table, source.token_bytes(x), longest)
-        out[x] = hit if hit >= 0 else target.unk_id
+        data = source.token_bytes(x)
+        hit = first(data)
+        if hit < 0 and data not in first.started:
+            hit = target.unk_id  # bytes the target cannot spell at all: its unknown token
+        out[x] = hit
     return out
 
 
@@ -262,14 +292,13 @@ def continuation_table(source: TokenView, target: TokenView) -> np.ndarray:
     """int32 aligned with source.data: entry source.ptr[x] + k (1 <= k < len(x)) is the target token
     the rest of x's bytes after its first k would start with (-1: none); entry ptr[x] is unused."""
     def build():
-        table = bytes_to_id(target)
-        longest = max((len(b) for b in table), default=0)
+        first = first_token(target)
         out = np.full(len(source.data), -1, dtype=np.int32)
         for x in range(source.size):
             data = source.token_bytes(x)
             base = int(source.ptr[x])
             for k in range(1, len(data)):
-                out[base + k] = _longest_prefix(table, data[k:], longest)
+                out[base + k] = first(data[k:])
         return out
     return cached("continuation", source, target, len(source.data), build)
 
@@ -279,13 +308,12 @@ def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
     start with (for a target that puts a dummy space in front of the text and a source that does
     not); special tokens as in the default map."""
     def build():
-        table = bytes_to_id(target)
-        longest = max((len(b) for b in table), default=0)
+        first = first_token(target)
         out = np.full(source.size, -1, dtype=np.int32)
         for x in range(source.size):
             if source.special[x] or source.lengths[x] == 0:
                 out[x] = _special_map(source, target, x)
             else:
-                out[x] = _longest_prefix(table, b" " + source.token_bytes(x), longest)
+                out[x] = first(b" " + source.token_bytes(x))
         return out
     return cached("dummy", source, target, source.size, build)
