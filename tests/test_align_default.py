@@ -299,10 +299,12 @@ def test_vocab_map_cache(shared, tmp_path, monkeypatch):
     files = list((tmp_path / "vocab").iterdir())
     assert len(files) == 1 and files[0].suffix == ".npy"  # written whole under its final name, no temporary left
     monkeypatch.setattr(vocab, "hard_map", lambda *_: pytest.fail("rebuilt instead of read from the cache"))
+    vocab._memory.clear()  # as in a fresh process
     assert np.array_equal(vocab_map(s_view, t_view, "reference-hard"), first)
     files[0].write_bytes(b"damaged")
     monkeypatch.undo()
     monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path))
+    vocab._memory.clear()
     assert np.array_equal(vocab_map(s_view, t_view, "reference-hard"), first)
     with pytest.raises(FusionError, match="mode 'fuzzy'"):
         vocab_map(s_view, t_view, "fuzzy")

@@ -52,18 +52,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSION_CACHE_DIR") or Path.home() / ".cache" / "fusion")
 
 
+_memory: dict[str, np.ndarray] = {}  # tables this process has built or read
+
+
 def cached(kind: str, source: TokenView, target: TokenView, size: int, build) -> np.ndarray:
-    """build() once per (kind, source, target), kept in the on-disk cache; a cached table of
-    another length than `size` (a damaged file) is rebuilt."""
+    """build() once per (kind, source, target), kept in memory and in the on-disk cache; a cached
+    table of another length than `size` (a damaged file) is rebuilt."""
     key = hashlib.sha256(f"{kind}:{MAP_VERSION}:{source.hash}:{target.hash}".encode()).hexdigest()[:40]
     path = cache_dir() / "vocab" / f"{kind}-{key}.npy"
+    table = _memory.get(str(path))
+    if table is not None:
+        return table
     try:
         table = np.load(path)
         if table.shape == (size,) and table.dtype == np.int32:
+            _memory[str(path)] = table
             return table
     except (OSError, ValueError):
         pass
-    table = build()
+    table = _memory[str(path)] = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
