@@ -165,6 +165,15 @@ def test_mismatched_text_names_the_block(shared):
     with pytest.raises(FusionError, match=r"block 1, source tokens \(gpt2\).*first difference at text byte 12"):
         align_blocks(texts, tt, np.cumsum([0] + [len(x) for x in t]), ss, np.cumsum([0] + [len(x) for x in s]),
                      np.zeros((len(ss), 1), np.int64), np.zeros((len(ss), 1)), np.zeros(len(ss)), t_view, s_view)
+    many = texts * 4  # in parallel, the block is still named by its place in the whole input
+    t_many = t * 4
+    s_many = [s_tok.encode(x, add_special_tokens=False) for x in many]
+    s_many[5] = s[1]
+    with pytest.raises(FusionError, match=r"block 5, source tokens"):
+        align_blocks_parallel(many, np.concatenate(t_many), np.cumsum([0] + [len(x) for x in t_many]),
+                              np.concatenate(s_many), np.cumsum([0] + [len(x) for x in s_many]),
+                              np.zeros((len(ss) * 4, 1), np.int64), np.zeros((len(ss) * 4, 1)), np.zeros(len(ss) * 4),
+                              t_view, s_view, workers=2)
     with pytest.raises(FusionError, match="target token id 99999"):
         align_blocks(["x"], [99999], [0, 1], [87], [0, 1], [[0]], [[0.0]], [0.0], t_view, s_view)
     with pytest.raises(FusionError, match="source_topk_ids"):

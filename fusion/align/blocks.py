@@ -59,32 +59,37 @@ def _tokens(tokens, view: TokenView, side: str) -> np.ndarray:
     return tokens
 
 
-def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str):
+def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str, first_block: int):
     """Each token's start in its block's text and its length in bytes (FusionError where the
     tokens do not spell the text)."""
     prefixes = block_prefixes(view.data, view.ptr, tokens, ptr, text, text_ptr)
     lengths = view.lengths[tokens].astype(np.int64)
     for blk in np.flatnonzero(prefixes < 0):
         a, b = ptr[blk], ptr[blk + 1]
-        what = f"block {blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
+        what = f"block {first_block + blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
         prefixes[blk], lengths[a:b] = place(view, tokens[a:b], encoded[blk], what)
     return block_starts(lengths, ptr, prefixes), lengths
 
 
+_spellings: dict[tuple[str, str], dict[str, int]] = {}
+
+
 def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_tokens, t_ptr, soft) -> np.ndarray:
     """Per block: the paper's position-0 special case for a byte-level source (reference.py)."""
-    lookup = None
-    if soft is not None:
-        spelled = {s.replace(source.marker, target.marker) if source.marker else s: i
-                   for i, s in enumerate(source.strings) if s}
-        def lookup(string):
-            x = spelled.get(string)
-            return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
+    def lookup(string):  # the soft map's target string for the source token spelled `string`
+        key = (source.hash, target.hash)
+        if key not in _spellings:
+            _spellings[key] = {s.replace(source.marker, target.marker) if source.marker else s: i
+                               for i, s in enumerate(source.strings) if s}
+        x = _spellings[key].get(string)
+        return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
+
     out = np.full(len(t_ptr) - 1, -1, np.int8)
     for blk in range(len(out)):
         if t_ptr[blk + 1] > t_ptr[blk] and s_ptr[blk + 1] > s_ptr[blk]:
             out[blk] = first_token_match(source.strings[s_tokens[s_ptr[blk]]], target.strings[t_tokens[t_ptr[blk]]],
-                                         source.marker, target.marker, source.byte_level, lookup)
+                                         source.marker, target.marker, source.byte_level,
+                                         None if soft is None else lookup)
     return out
 
 
@@ -100,6 +105,13 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
     target vocabulary. `mapping` is vocab_map(source_view, target_view, mode) (computed, and cached,
     when None). Pass a dict as `stats` to get the rows' coverage (share with a distribution) and
     how they were filled."""
+    return _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
+                  source_tail, target_view, source_view, mapping, mode, stats, first_block=0)
+
+
+def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
+           source_tail, target_view, source_view, mapping, mode, stats, first_block):
+    """align_blocks on blocks numbered from `first_block` on (in error messages)."""
     if mode not in MODES:
         raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
     texts = list(texts)
@@ -120,15 +132,16 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
     if mapping is None:
         mapping = vocab_map(source_view, target_view, mode)
     mapping = np.asarray(mapping, dtype=np.int32)
-    if mapping.shape != (source_view.size,):
-        raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}], got {mapping.shape}")
+    if mapping.shape != (source_view.size,) or (len(mapping) and mapping.max() >= target_view.size):
+        raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}] of target ids "
+                          f"below {target_view.size}, got shape {mapping.shape} (a table for other tokenizers?)")
 
     encoded = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
     text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     text_ptr = np.zeros(blocks + 1, dtype=np.int64)
     np.cumsum([len(t) for t in encoded], out=text_ptr[1:])
-    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target")
-    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source")
+    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
+    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
     if mode == "default":
         ids, logprobs, counts, tails, how = default_blocks(
@@ -176,8 +189,10 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
     equal target tokens; the same result as align_blocks."""
     workers = workers or os.cpu_count() or 1
     texts = list(texts)
-    t_ptr = np.asarray(target_ptr, dtype=np.int64)
-    s_ptr = np.asarray(source_ptr, dtype=np.int64)
+    t_ptr = _offsets(target_ptr, len(target_tokens), "target_ptr", len(texts))
+    s_ptr = _offsets(source_ptr, len(source_tokens), "source_ptr", len(texts))
+    if mode not in MODES:
+        raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
     mapping = _warm(source_view, target_view, mapping, mode)
     chunks = min(len(texts), workers * 4)
     if workers == 1 or chunks <= 1:
@@ -191,10 +206,10 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
         b0, b1 = part
         t0, t1, s0, s1 = t_ptr[b0], t_ptr[b1], s_ptr[b0], s_ptr[b1]
         part_stats = {}
-        rows = align_blocks(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
-                            np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0,
-                            np.asarray(source_topk_ids)[s0:s1], np.asarray(source_topk_logprobs)[s0:s1],
-                            None if tail is None else tail[s0:s1], target_view, source_view, mapping, mode, part_stats)
+        rows = _align(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
+                      np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0, np.asarray(source_topk_ids)[s0:s1],
+                      np.asarray(source_topk_logprobs)[s0:s1], None if tail is None else tail[s0:s1], target_view,
+                      source_view, mapping, mode, part_stats, first_block=b0)
         return rows, part_stats
 
     parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
