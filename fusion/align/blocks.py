@@ -8,7 +8,14 @@ The result is a SparseRows on the target's rows, ids in the target vocabulary.
 
 Modes: "default" (default.py), "reference-hard" and "reference-soft" (reference.py, the paper's
 alignment shifted into our row convention). Every mode first checks that both token sequences
-spell the block's text (streams.py) and raises FusionError naming the block otherwise.
+spell the block's text (streams.py) and raises FusionError naming the block otherwise. No
+tokenizer offsets are needed: where each token sits in the text follows from its bytes.
+
+Output rows: ids in the target vocabulary, log-probabilities (default: most probable first;
+reference: in the source's top-k order), tail = mass not listed. A row without entries means
+"no distribution" (tail 1); training falls back to the one-hot on the row's own token. Top-k ids
+below 0 are padding and ignored; ids beyond the source vocabulary (padded logits) count as mass
+that cannot be placed.
 
 The heavy work runs in compiled code that releases the GIL; `align_blocks_parallel` splits the
 blocks over threads.
@@ -20,6 +27,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
 from ..errors import FusionError
 from ..sparse import SparseRows, concat
@@ -93,9 +101,23 @@ def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_toke
     return out
 
 
+@njit(cache=True, nogil=True)
+def _compact(ids, logprobs, counts):
+    """Padded [rows, k] entries back to back (what SparseRows holds)."""
+    out_ids = np.empty(counts.sum(), np.int32)
+    out_logprobs = np.empty(counts.sum(), np.float32)
+    n = 0
+    for r in range(len(counts)):
+        for e in range(counts[r]):
+            out_ids[n] = ids[r, e]
+            out_logprobs[n] = logprobs[r, e]
+            n += 1
+    return out_ids, out_logprobs
+
+
 def _sparse(ids, logprobs, counts, tails) -> SparseRows:
-    keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
-    return SparseRows(counts=counts, ids=ids[keep], logprobs=logprobs[keep], tail=tails)
+    flat_ids, flat_logprobs = _compact(ids, logprobs, counts)
+    return SparseRows(counts=counts, ids=flat_ids, logprobs=flat_logprobs, tail=tails)
 
 
 def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
@@ -157,7 +179,7 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
             t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs,
             *source_view.stripped_codepoints, *target_view.stripped_codepoints, hard,
             hard if soft is None else soft, hard if soft is None else soft, target_view.canonical, first, DTW_WIDTH)
-        tails = np.zeros(len(counts), np.float32)
+        tails = np.where(counts == 0, 1.0, 0.0).astype(np.float32)  # the paper drops the mass beyond the top-k
         ways = {"distribution": DISTRIBUTION, "one_hot": ONE_HOT, "empty": EMPTY}
     rows = _sparse(ids, logprobs, counts, tails)
     if stats is not None:
@@ -194,7 +216,7 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
     if mode not in MODES:
         raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
     mapping = _warm(source_view, target_view, mapping, mode)
-    chunks = min(len(texts), workers * 4)
+    chunks = min(len(texts), workers * 2)
     if workers == 1 or chunks <= 1:
         return align_blocks(texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs,
                             source_tail, target_view, source_view, mapping, mode, stats)
