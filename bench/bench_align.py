@@ -8,7 +8,9 @@ On the alignment fixture's 20 sequences (2048 Mistral tokens each, GPT-2 source)
   the first few sequences, its output compared with ours;
 - vocabulary maps 50k x 32k (GPT-2 -> Mistral, GPT-NeoX -> Llama-2), cold cache, wall time with
   all cores (the original: 827 s on 2 processes);
-- align_blocks_parallel with 1 and 2 workers (wall time), peak RSS.
+- align_blocks_parallel with 1 and 2 workers (wall time; meaningless on a machine other jobs
+  keep busy), and the share of single-thread time spent in compiled code that releases the GIL
+  with the speedup on 2 cores it allows (Amdahl); peak RSS.
 
     python bench/bench_align.py [--baseline-sequences 2] > bench.json
 """
@@ -189,9 +191,25 @@ def main():
     result["vocab_map"] = vocab
     result["vocab_map_original_s"] = 827
 
+    log("GIL-free share ...")
+    import cProfile
+    import pstats
+
+    compiled = {"default_blocks", "reference_blocks", "block_prefixes", "block_starts", "_compact"}
+    for mode, mapping in maps.items():
+        profile = cProfile.Profile()
+        profile.enable()
+        align_blocks(*api_args(blocks, base, blend, mapping, mode))
+        profile.disable()
+        stats = pstats.Stats(profile).stats
+        total = sum(entry[2] for entry in stats.values())
+        free = sum(entry[2] for (_, _, name), entry in stats.items() if name in compiled)
+        speed[mode]["gil_free_share"] = round(free / total, 3)
+        speed[mode]["amdahl_bound_2_workers"] = round(1 / ((1 - free / total) + free / total / 2), 2)
+
     log("workers ...")
     big = {key: value for key, value in blocks.items()}
-    scaling = {}
+    scaling = {"load_average": open("/proc/loadavg").read().split()[0]}
     for mode, mapping in maps.items():
         row = {}
         for workers in (1, 2):
