@@ -125,12 +125,24 @@ def test_sentencepiece_style_uses_byte_pieces():
 
 
 def test_byte_pieces_listed_as_special_tokens_still_stand_for_bytes():
-    from fusion.tiny import train_tokenizer
+    """Some tokenizers list their <0xNN> pieces as special added tokens; the model still emits
+    them for bytes it has no piece for."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    tok = train_tokenizer("sentencepiece", corpus(), 400)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + pieces,
+                                                          limit_alphabet=40, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     view = token_view(tok)
     piece = tok.convert_tokens_to_ids("<0x7E>")
-    assert view.token_bytes(piece) == b"~" and not view.special[piece]
+    assert piece in tok.all_special_ids or any(a["content"] == "<0x7E>" and a["special"]
+                                               for a in json.loads(tok.backend_tokenizer.to_str())["added_tokens"])
+    assert view.token_bytes(piece) == b"~" and view.byte_piece[piece] and not view.special[piece]
     assert_spells_every_text(tok, view)
 
 
