@@ -62,7 +62,8 @@ def fixture_blocks(folder: Path):
         stream = base.stream(seq["base_ids"])
         texts.append(stream[1:].decode("utf-8") if stream.startswith(b" ") else stream.decode("utf-8"))
     logits = np.concatenate([s["topk_logits"] for s in seqs]).astype(np.float64)
-    logprobs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    top = logits.max(1, keepdims=True)
+    logprobs = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
     return base, blend, seqs, {
         "texts": texts,
         "target_tokens": np.concatenate([s["base_ids"] for s in seqs]).astype(np.int64),

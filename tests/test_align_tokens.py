@@ -121,7 +121,8 @@ def test_sentencepiece_style_uses_byte_pieces():
     ids = tok.encode("你好 🦙", add_special_tokens=False)
     assert any(view.byte_piece[i] for i in ids)
     assert view.token_bytes(tok.convert_tokens_to_ids("<0x0A>")) == b"\n"
-    assert view.special[tok.convert_tokens_to_ids("</s>")] and view.token_bytes(tok.convert_tokens_to_ids("</s>")) == b""
+    eos = tok.convert_tokens_to_ids("</s>")
+    assert view.special[eos] and view.token_bytes(eos) == b""
 
 
 def test_byte_pieces_listed_as_special_tokens_still_stand_for_bytes():
@@ -135,8 +136,9 @@ def test_byte_pieces_listed_as_special_tokens_still_stand_for_bytes():
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     pieces = [f"<0x{b:02X}>" for b in range(256)]
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + pieces,
-                                                          limit_alphabet=40, show_progress=False))
+    specials = ["<unk>", "<s>", "</s>"] + pieces
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials, limit_alphabet=40,
+                                                          show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     view = token_view(tok)
     piece = tok.convert_tokens_to_ids("<0x7E>")

@@ -96,8 +96,9 @@ def dtw_band(a, b, af, ap, bf, bp, lo, hi):
                 value[k] = c
                 moves[k] = 0
                 continue
-            d = value[start[i - 1] + j - 1 - lo[i - 1]] if (i > 0 and j > 0 and lo[i - 1] <= j - 1 <= hi[i - 1]) else INF
-            u = value[start[i - 1] + j - lo[i - 1]] if (i > 0 and lo[i - 1] <= j <= hi[i - 1]) else INF
+            up_row = start[i - 1] - lo[i - 1] if i > 0 else 0  # value of (i-1, j) is at up_row + j
+            d = value[up_row + j - 1] if (i > 0 and j > 0 and lo[i - 1] <= j - 1 <= hi[i - 1]) else INF
+            u = value[up_row + j] if (i > 0 and lo[i - 1] <= j <= hi[i - 1]) else INF
             left = value[k - 1] if j > lo[i] else INF
             if d <= u and d <= left:
                 best = d

@@ -90,7 +90,8 @@ def _view(folder: Path, side: str) -> TokenView:
             return token_view(Tokenizer.from_file(str(path)), name=side)
         if path.name.endswith(".model"):
             return sentencepiece_view(path, name=side)
-    raise FusionError(f"{folder}: no tokenizer file for the {side} side (expected {side}_*.model or {side}_*.tokenizer.json)")
+    raise FusionError(f"{folder}: no tokenizer file for the {side} side "
+                      f"(expected {side}_*.model or {side}_*.tokenizer.json)")
 
 
 def _columns(base: TokenView, blend: TokenView, base_ids: np.ndarray, blend_ids: np.ndarray):

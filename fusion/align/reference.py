@@ -51,7 +51,8 @@ def reference_rows(a, b, count, row_of, match_hard, match_soft, translate, canon
         if count[j] == 1:
             i = row_of[j]
             s = a[i]
-            matched = (match_hard[s] >= 0 and match_hard[s] == target) or (match_soft[s] >= 0 and match_soft[s] == target)
+            matched = ((match_hard[s] >= 0 and match_hard[s] == target)
+                       or (match_soft[s] >= 0 and match_soft[s] == target))
             if j == 0 and first_match >= 0:
                 matched = first_match == 1
         if matched:

@@ -122,7 +122,8 @@ def _char_masks(flat, ptr):
     for s in range(n):
         mask = np.uint64(0)
         for q in range(ptr[s], ptr[s + 1]):
-            mask |= np.uint64(1) << np.uint64(((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63))
+            bit = ((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63)
+            mask |= np.uint64(1) << bit
         masks[s] = mask
     return masks
 
