@@ -331,3 +331,14 @@ def test_default_map_rules(shared):
     from_llama = vocab_map(llama, neox, "default")
     assert neox.strings[from_llama[llama.vocab["▁▁▁"]]] == "   "  # NeoX's added token wins over "ĠĠĠ"
     assert from_llama[llama.bos_id] == neox.bos_id and from_llama[llama.eos_id] == neox.eos_id
+
+
+def test_a_normalizing_tokenizer_on_unnormalized_text_is_reported(shared):
+    """GPT-NeoX applies NFC: tokens of a decomposed "é" spell the composed one, not the text."""
+    (t_tok, t_view), (s_tok, s_view) = load(shared, "gpt2"), load(shared, "gpt-neox-20b")
+    text = "cafe\u0301"
+    t = t_tok.encode(text, add_special_tokens=False)
+    s = s_tok.encode(text, add_special_tokens=False)
+    with pytest.raises(FusionError, match=r"block 0, source tokens \(gpt-neox-20b\).*NFC"):
+        align_blocks([text], t, [0, len(t)], s, [0, len(s)], np.zeros((len(s), 1), np.int64), np.zeros((len(s), 1)),
+                     np.zeros(len(s)), t_view, s_view)
