@@ -322,11 +322,12 @@ def test_vocab_map_cache(shared, tmp_path, monkeypatch):
 def test_default_map_rules(shared):
     (_, llama), (_, gpt2), (_, neox) = load(shared, "llama2"), load(shared, "gpt2"), load(shared, "gpt-neox-20b")
     to_llama = vocab_map(gpt2, llama, "default")
-    name = lambda view, table, s: view.strings[table[gpt2.vocab[s]]] if table[gpt2.vocab[s]] >= 0 else None
+    def name(view, table, s):
+        return view.strings[table[gpt2.vocab[s]]] if table[gpt2.vocab[s]] >= 0 else None
     assert name(llama, to_llama, "Ġworld") == "▁world"  # same bytes
     assert name(llama, to_llama, "Ġ1999") == "▁"  # longest target prefix: Llama splits digits
     assert name(llama, to_llama, "Ċ") == "<0x0A>"  # a byte Llama has no ordinary token for
-    assert name(llama, to_llama, "Ã") == None  # first byte of a character Llama has tokens for: unknowable
+    assert name(llama, to_llama, "Ã") is None  # first byte of a character Llama has tokens for: unknowable
     assert to_llama[gpt2.eos_id] == llama.eos_id
     from_llama = vocab_map(llama, neox, "default")
     assert neox.strings[from_llama[llama.vocab["▁▁▁"]]] == "   "  # NeoX's added token wins over "ĠĠĠ"
