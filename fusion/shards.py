@@ -87,7 +87,8 @@ def read_record(store: Store, stage: str, part: str, index: int, config_hash: st
     if config_hash is not None and record["config_hash"] != config_hash:
         raise FusionError(
             f"{store.uri(rel)} was written with config hash {record['config_hash']}, this run's is "
-            f"{config_hash}: the {stage} settings (or an earlier stage's) changed; use a new store"
+            f"{config_hash}: the {stage} settings (or an earlier stage's) changed; use a new store, or "
+            f"`fusion run SPEC --redo {stage}` to recompute it and what follows"
         )
     return record
 
@@ -120,7 +121,7 @@ def _create_record(store: Store, stage: str, part: str, index: int, record: dict
     if existing["config_hash"] != record["config_hash"]:
         raise FusionError(
             f"{store.uri(rel)} was written with config hash {existing['config_hash']}, this run's is "
-            f"{record['config_hash']}: settings changed; use a new store"
+            f"{record['config_hash']}: settings changed; use a new store, or `--redo {stage}`"
         )
     return existing
 
@@ -333,7 +334,7 @@ def is_part_committed(store: Store, stage: str, part: str, config_hash: str) -> 
     if record.get("config_hash") != config_hash:
         raise FusionError(
             f"{store.uri(part_dir(stage, part))} was committed with config hash {record.get('config_hash')}, "
-            f"this run's is {config_hash}: settings changed; use a new store"
+            f"this run's is {config_hash}: settings changed; use a new store, or `--redo {stage}`"
         )
     return True
 
