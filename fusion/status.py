@@ -1,8 +1,12 @@
-"""`fusion status`: what a run's store holds, per stage and part, read from commit records."""
+"""`fusion status`: what a run's store holds, per stage and part, read from commit records:
+shards committed (and leased by elastic workers right now), tokens, stored bytes and bytes
+per token. s3:// stores are reached through the AWS environment (AWS_ENDPOINT_URL, ...)."""
 
 from __future__ import annotations
 
-from fusion import shards
+import time
+
+from fusion import leases, shards
 from fusion.config import parse_spec
 from fusion.errors import FusionError
 from fusion.run import RUN_RECORD
@@ -21,6 +25,14 @@ def expected_parts(spec) -> list[tuple[str, str, str]]:
     return out
 
 
+def live_leases(store: Store, stage: str, part: str) -> int:
+    """Uncommitted shards that a worker holds a live lease on."""
+    newest = leases.newest_generations(store, stage, part)
+    pending = set(newest) - shards.committed_indices(store, stage, part)
+    now = time.time()
+    return sum(leases.is_live(store.read_json(leases.lease_path(stage, part, i, newest[i])), now) for i in pending)
+
+
 def status(url: str) -> dict:
     store = Store(url)
     record = store.read_json(RUN_RECORD)
@@ -33,11 +45,13 @@ def status(url: str) -> dict:
     for stage, part, kind in expected_parts(spec):
         s = shards.part_status(store, stage, part)
         total = 1 if kind == "one" else planned
+        leased = 0 if s.complete else live_leases(store, stage, part)
         rows.append(
             {
                 "stage": stage,
                 "part": part,
                 "shards": s.committed,
+                "leased": leased,
                 "total": total,
                 "complete": s.complete,
                 "rows": s.rows,
@@ -52,7 +66,7 @@ def format_status(report: dict) -> str:
     lines = [f"run {report['run']} at {report['store']}", f"{'stage':<7} {'part':<14} {'shards':>11} {'rows':>11} {'bytes':>13} {'B/token':>8}"]
     for r in report["parts"]:
         total = "?" if r["total"] is None else r["total"]
-        mark = " done" if r["complete"] else ""
+        mark = " done" if r["complete"] else (f" ({r['leased']} in progress)" if r.get("leased") else "")
         per = "" if r["bytes_per_row"] is None else f"{r['bytes_per_row']:.1f}"
         lines.append(f"{r['stage']:<7} {r['part']:<14} {r['shards']:>5} of {total:<3} {r['rows']:>11,} {r['bytes']:>13,} {per:>8}{mark}")
     return "\n".join(lines)

@@ -29,7 +29,8 @@ from fusion.stages import split
 
 NAME = "logits"
 FORMAT = 2  # storage format; part of the config hash, so old shards are never misread
-HEAD_CHUNK_BYTES = 64 << 20  # float32 logits computed at once (rows x vocab)
+# float32 logits made at once (rows x vocab): small on CPUs (cache), large on GPUs (few launches)
+HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 
 def parts(run: Run) -> list[str]:
@@ -129,7 +130,7 @@ class TopK:
         import torch
 
         vocab = self.head.out_features if project is not None else hidden.shape[-1]
-        step = max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+        step = max(1, HEAD_CHUNK_BYTES.get(hidden.device.type, 64 << 20) // (4 * vocab))
         parts = []
         for a in range(0, hidden.shape[0], step):
             logits = (project(hidden[a : a + step]) if project is not None else hidden[a : a + step]).float()

@@ -1,0 +1,97 @@
+"""Stored bytes per token on real text: logits of every model, aligned sources, packed set.
+
+    python bench/bench_bytes.py [--chars 150000] [--store DIR] [--top-k 10]
+
+Runs split, vocab, logits, align and fuse of a run with a Llama-2-vocabulary target and three
+sources with the GPT-NeoX-20B, GPT-2 and OpenLLaMA vocabularies (bench/realtext.py: tiny
+models with real tokenizers, briefly trained), on held-out real text (the last `--chars`
+characters of each corpus in ../shared/assets), then reads the commit records: bytes per
+token per part, and per stored array. As the cross-check with the entropy of a fully trained
+model, the logits of stories260K (a real 512-token Llama) are measured the same way.
+
+Prints JSON. The original FuseLLM stores ~112 B/token for a model's own top-10, ~168 per
+aligned source and ~450 for the packed 3-source set (../shared/reference/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import realtext  # noqa: E402
+
+from fusion import shards  # noqa: E402
+from fusion.config import parse_spec  # noqa: E402
+from fusion.launch_local import run_all  # noqa: E402
+from fusion.run import Run  # noqa: E402
+
+SOURCES = ["src-neox", "src-gpt2", "src-openllama"]
+
+
+def per_array(run: Run, stage: str, part: str) -> dict[str, float]:
+    """Bytes per row of each stored array (its objects, metadata included), summed over shards."""
+    sizes, rows = defaultdict(int), 0
+    for name in run.store.list(shards.part_dir(stage, part)):
+        if name.startswith("shard-") and name.endswith(".json"):
+            record = run.store.read_json(f"{shards.part_dir(stage, part)}/{name}")
+            rows += record["rows"]
+            for key, size in record["objects"].items():
+                sizes[key.split("/", 1)[0] if "/" in key else "(group)"] += size
+    return {k: round(v / max(rows, 1), 3) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])}
+
+
+def measure(run: Run, stage: str, part: str) -> dict:
+    s = shards.part_status(run.store, stage, part)
+    return {"tokens": s.rows, "bytes": s.stored_bytes, "bytes_per_token": round(s.stored_bytes / max(s.rows, 1), 2), "arrays": per_array(run, stage, part)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chars", type=int, default=150_000, help="characters of held-out text per corpus")
+    parser.add_argument("--store", help="store folder (default: a temporary one)")
+    parser.add_argument("--top-k", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(args.store or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = realtext.write_corpus(root / "corpus.jsonl", args.chars)
+    spec = realtext.spec(str(root / "run"), corpus, SOURCES, top_k=args.top_k)
+    run = Run(parse_spec(spec))
+    run_all(run, ["split", "vocab", "logits", "align", "fuse"])
+
+    report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars, "logits": {}, "align": {}, "fuse": {}}
+    for m in ["target", *SOURCES]:
+        report["logits"][m] = measure(run, "logits", m)
+    for s in SOURCES:
+        report["align"][s] = measure(run, "align", s)
+        report["align"][s]["coverage"] = [
+            run.store.read_json(shards.record_path("align", s, i))["attrs"].get("coverage")
+            for i in range(len(shards.committed_indices(run.store, "align", s)))
+        ]
+    report["fuse"]["train"] = measure(run, "fuse", "train")
+    target_tokens = report["logits"]["target"]["tokens"]
+    everything = report["logits"]["target"]["bytes"] + sum(report["align"][s]["bytes"] for s in SOURCES)
+    report["all_candidates_bytes_per_target_token"] = round(everything / target_tokens, 2)
+
+    # the cross-check: a fully trained model's entropy (stories260K, 512-token vocabulary)
+    stories = realtext.ASSETS / "model-stories260K-llama" / "hf"
+    check = realtext.spec(str(root / "stories"), corpus, ["src-neox"], block_tokens=500, top_k=args.top_k)
+    check["models"]["target"] = {"name": "stories", "path": str(stories)}
+    check_run = Run(parse_spec(check))
+    run_all(check_run, ["split", "logits"])
+    report["logits_stories260K"] = measure(check_run, "logits", "stories")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
