@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import realtext  # noqa: E402
 
 from fusion import shards  # noqa: E402
@@ -48,9 +49,24 @@ def per_array(run: Run, stage: str, part: str) -> dict[str, float]:
     return {k: round(v / max(rows, 1), 3) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
+def padding_share(run: Run, part: str) -> float:
+    """Share of the forward passes' positions that were padding (blocks batched by length)."""
+    from fusion.stages import logits
+
+    real = padded = 0
+    for i in range(logits.shard_count(run, part)):
+        lengths = np.diff(logits.read(run, part, i, ["seq_ptr"])["seq_ptr"]).tolist()
+        for batch in logits.length_batches(lengths, run.spec.logits.batch_tokens):
+            real += sum(lengths[j] + 1 for j in batch)
+            padded += (max(lengths[j] for j in batch) + 1) * len(batch)
+    return round(1 - real / padded, 4)
+
+
 def measure(run: Run, stage: str, part: str) -> dict:
     s = shards.part_status(run.store, stage, part)
-    return {"tokens": s.rows, "bytes": s.stored_bytes, "bytes_per_token": round(s.stored_bytes / max(s.rows, 1), 2), "arrays": per_array(run, stage, part)}
+    per_token = round(s.stored_bytes / max(s.rows, 1), 2)
+    arrays = per_array(run, stage, part)
+    return {"tokens": s.rows, "bytes": s.stored_bytes, "bytes_per_token": per_token, "arrays": arrays}
 
 
 def main() -> None:
@@ -72,6 +88,7 @@ def main() -> None:
     report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars, "logits": {}, "align": {}, "fuse": {}}
     for m in ["target", *SOURCES]:
         report["logits"][m] = measure(run, "logits", m)
+        report["logits"][m]["padding_share"] = padding_share(run, m)
     for s in SOURCES:
         report["align"][s] = measure(run, "align", s)
         report["align"][s]["coverage"] = [

@@ -5,7 +5,8 @@
 Writes a packed set (fuse stage shards) of 2048-token blocks with top-10 rows over a 32000
 vocabulary to a local store and to an S3 server (moto, on 127.0.0.1), then measures, side by
 side in one process:
-- reader_local / reader_s3: PackedReader with prefetch, batch 8, fully collated tensors
+- reader_local / reader_s3: PackedReader with prefetch, batch 8, fully collated tensors;
+  reader_s3_window1: windows of one shard, so shards are downloaded while it runs
 - collate_in_memory: the old path (train.collate on arrays already in memory), for scale
 - trainer_cpu: one training step (forward, fusion loss, backward, AdamW) of a tiny Llama
   (hidden 128, 2 layers, 32000 vocabulary) at batch 8 x 2048 on this CPU
@@ -52,26 +53,33 @@ def packed_shard(seed: int, blocks: int):
 
 def write_packed(store: Store, parts) -> None:
     for i, (tokens, ptr, rows, choice) in enumerate(parts):
-        shards.write_shard(store, "fuse", "train", i, fuse.pack(tokens, ptr, rows, choice, VOCAB), "bench", rows=rows.rows)
+        arrays = fuse.pack(tokens, ptr, rows, choice, VOCAB)
+        shards.write_shard(store, "fuse", "train", i, arrays, "bench", rows=rows.rows)
     shards.commit_part(store, "fuse", "train", len(parts), "bench")
 
 
-def reader_rate(store: Store, steps: int) -> float:
-    reader = PackedReader(store, batch_size=BATCH, seed=0, bos=1, pad=0, prefetch=4, config_hash="bench")
-    next(reader)  # first batch: startup (lengths, first shards) is not counted
+def reader_rate(store: Store, steps: int, window: int | None = None) -> tuple[float, float]:
+    """(blocks per second after the first batch, seconds to the first batch)."""
+    start = time.perf_counter()
+    reader = PackedReader(
+        store, batch_size=BATCH, seed=0, bos=1, pad=0, prefetch=4, config_hash="bench", window_shards=window
+    )
+    next(reader)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         next(reader)
     rate = steps * BATCH / (time.perf_counter() - start)
     reader.close()
-    return rate
+    return rate, first
 
 
 def collate_rate(parts, steps: int) -> float:
     lengths = np.concatenate([np.diff(p[1]) for p in parts])
     ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])
-    packed = train.Packed(np.concatenate([p[0] for p in parts]), ptr, concat([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+    tokens, choice = np.concatenate([p[0] for p in parts]), np.concatenate([p[3] for p in parts])
+    packed = train.Packed(tokens, ptr, concat([p[2] for p in parts]), choice)
     start = time.perf_counter()
     for step in range(steps):
         train.collate(packed, train.batch_blocks(step, BATCH, packed.blocks, 0), 1, 0)
@@ -114,8 +122,9 @@ def main() -> None:
 
     from tests.s3 import start_moto
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(k, v)
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(k, "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     server, endpoint = start_moto()
     import boto3
 
@@ -127,12 +136,16 @@ def main() -> None:
     write_packed(local, parts)
     write_packed(s3, parts)
     record = shards.read_record(local, "fuse", "train", 0)
-    rates = {
-        "reader_local": reader_rate(local, args.steps),
-        "reader_s3": reader_rate(s3, args.steps),
+    first = {}
+    rates = {}
+    rates["reader_local"], first["reader_local"] = reader_rate(local, args.steps)
+    rates["reader_s3"], first["reader_s3"] = reader_rate(s3, args.steps)
+    # windows of one shard: shards are downloaded while the reader runs, not before
+    rates["reader_s3_window1"], first["reader_s3_window1"] = reader_rate(s3, args.steps, window=1)
+    rates.update({
         "collate_in_memory": collate_rate(parts, args.steps),
         "trainer_cpu": trainer_rate(local, args.trainer_steps),
-    }
+    })
     server.stop()
     print(
         json.dumps(
@@ -143,8 +156,10 @@ def main() -> None:
                 "packed_bytes_per_token": round(record["stored_bytes"] / record["rows"], 2),
                 "torch_threads": torch.get_num_threads(),
                 "blocks_per_second": {k: round(v, 2) for k, v in rates.items()},
+                "seconds_to_first_batch": {k: round(v, 3) for k, v in first.items()},
                 "reader_local_over_trainer_cpu": round(rates["reader_local"] / rates["trainer_cpu"], 1),
                 "reader_s3_over_trainer_cpu": round(rates["reader_s3"] / rates["trainer_cpu"], 1),
+                "reader_s3_window1_over_trainer_cpu": round(rates["reader_s3_window1"] / rates["trainer_cpu"], 1),
                 "reader_local_over_collate_in_memory": round(rates["reader_local"] / rates["collate_in_memory"], 2),
             },
             indent=1,

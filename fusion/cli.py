@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         default=float(os.environ.get("FUSION_LEASE_SECONDS", 300)),
         help="a dead worker's shard is taken over after this long (default $FUSION_LEASE_SECONDS or 300)",
     )
-    p.add_argument("--poll-seconds", type=float, default=5.0, help="wait between looks while others hold the last shards")
-    p.add_argument("--worker-id", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID, else host-pid")
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="pause between looks while others hold the last shards")
+    p.add_argument("--worker-id", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID or host-pid")
 
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
     p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")

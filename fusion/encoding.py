@@ -95,7 +95,9 @@ def frequency_table(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return table, lookup[ids.astype(np.int64)]
 
 
-def encode_rows(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tokens: np.ndarray | None, vocab_size: int) -> dict[str, np.ndarray]:
+def encode_rows(
+    counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, tokens: np.ndarray | None, vocab_size: int
+) -> dict[str, np.ndarray]:
     """Sparse rows as compact arrays: counts, lp_delta, id_table, ids (places in id_table),
     and rank when tokens are given."""
     counts = np.asarray(counts)
@@ -152,7 +154,9 @@ def decode_ids(stored: dict[str, np.ndarray], tokens: np.ndarray | None, id_type
     return ids
 
 
-def decode_rows(stored: dict[str, np.ndarray], tokens: np.ndarray | None, id_type=np.int32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_rows(
+    stored: dict[str, np.ndarray], tokens: np.ndarray | None, id_type=np.int32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(counts int32, ids, logprobs float16) from encode_rows' arrays."""
     return stored["counts"].astype(np.int32), decode_ids(stored, tokens, id_type), decode_logprobs(stored)
 
@@ -166,7 +170,8 @@ def decode_nll(nll_absent: np.ndarray, rank: np.ndarray, counts: np.ndarray, log
     """Inverse of encode_nll, given the decoded log-probs."""
     listed = rank != RANK_ABSENT
     if int((~listed).sum()) != len(nll_absent):
-        raise FusionError(f"stored rows: {len(nll_absent)} NLL values for {int((~listed).sum())} rows without their token")
+        absent = int((~listed).sum())
+        raise FusionError(f"stored rows: {len(nll_absent)} NLL values for {absent} rows without their token")
     nll = np.empty(len(rank), dtype=np.float16)
     nll[~listed] = nll_absent
     nll[listed] = -logprobs[row_ptr(counts)[:-1][listed] + rank[listed]]

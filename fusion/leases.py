@@ -122,7 +122,9 @@ class Lease:
             self.store.remove(lease_path(self.stage, self.part, self.index, gen))
 
 
-def claim(store: Store, stage: str, part: str, index: int, worker: str, ttl: float, newest: int | None = None) -> Lease | None:
+def claim(
+    store: Store, stage: str, part: str, index: int, worker: str, ttl: float, newest: int | None = None
+) -> Lease | None:
     """Try to claim a shard; the Lease if this worker now holds it, else None.
 
     `newest` is the shard's newest generation if the caller has just listed them."""

@@ -181,7 +181,8 @@ class PackedReader:
 
     def _block_lengths(self) -> list[np.ndarray]:
         def lengths(i: int) -> np.ndarray:
-            return shards.read_shard(self.store, STAGE, PART, i, ["seq_len"], self.config_hash)["seq_len"].astype(np.int64)
+            arrays = shards.read_shard(self.store, STAGE, PART, i, ["seq_len"], self.config_hash)
+            return arrays["seq_len"].astype(np.int64)
 
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(lengths, range(self.n_shards)))
@@ -218,9 +219,10 @@ class PackedReader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
         for key in ("seed", "batch_size", "window_shards", "blocks"):
-            if state.get(key) != getattr(self, {"window_shards": "window"}.get(key, key)):
-                raise FusionError(f"reader state: {key} is {state.get(key)!r} but this reader's is {getattr(self, {'window_shards': 'window'}.get(key, key))!r}")
+            if state.get(key) != mine[key]:
+                raise FusionError(f"reader state: {key} is {state.get(key)!r} but this reader's is {mine[key]!r}")
         micro = int(state.get("micro", 0))
         if micro and state.get("micro_batch_size") != self.micro:
             raise FusionError("reader state: saved within a step with another micro_batch_size")

@@ -61,7 +61,7 @@ def record_path(stage: str, part: str, index: int) -> str:
     return f"{part_dir(stage, part)}/{shard_name(index)}.json"
 
 
-def array_path(stage: str, part: str, index: int, record: dict) -> str:
+def array_path(stage: str, part: str, record: dict) -> str:
     """The arrays' folder that a shard's record names."""
     return f"{part_dir(stage, part)}/{record['path']}"
 
@@ -156,7 +156,13 @@ def encode_group(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
             raise ValueError(f"array {name}: scalars are not stored; use a one-element array")
         chunks, shards = _layout(a)
         group.create_array(
-            name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards, compressors=_compressors(a.dtype), fill_value=0
+            name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=_compressors(a.dtype),
+            fill_value=0,
         )[...] = a
     return {key: buf.to_bytes() for key, buf in sorted(mem.items())}
 
@@ -207,7 +213,9 @@ def write_shard(
         "stored_bytes": sum(len(b) for b in objects.values()),
         "path": name,
         "objects": {key: len(blob) for key, blob in objects.items()},
-        "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": checksum(a)} for n, a in arrays.items()},
+        "arrays": {
+            n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": checksum(a)} for n, a in arrays.items()
+        },
         "attrs": attrs or {},
     }
     return _create_record(store, stage, part, index, record)
@@ -223,7 +231,7 @@ def read_shard(
         raise FusionError(f"{store.uri(record_path(stage, part, index))}: shard not committed (no record)")
     if "arrays" not in record:
         raise FusionError(f"{store.uri(record_path(stage, part, index))}: the shard holds files, not arrays")
-    folder = array_path(stage, part, index, record)
+    folder = array_path(stage, part, record)
     names = list(record["arrays"]) if names is None else names
     for name in names:
         if name not in record["arrays"]:
@@ -237,7 +245,8 @@ def read_shard(
             raise FusionError(f"{store.uri(folder)}/{key}: missing (listed in the shard's record)")
         if len(blob) != record["objects"][key]:
             raise FusionError(
-                f"{store.uri(folder)}/{key}: {len(blob)} bytes but the record says {record['objects'][key]} (truncated or replaced)"
+                f"{store.uri(folder)}/{key}: {len(blob)} bytes but the record says {record['objects'][key]} "
+                "(truncated or replaced)"
             )
         objects[key] = blob
     arrays = decode_arrays(store.uri(folder), objects, names)
@@ -245,7 +254,8 @@ def read_shard(
         want = record["arrays"][name]
         if list(a.shape) != want["shape"] or str(a.dtype) != want["dtype"]:
             raise FusionError(
-                f"{store.uri(folder)}/{name}: {a.dtype}{list(a.shape)} but the record says {want['dtype']}{want['shape']}"
+                f"{store.uri(folder)}/{name}: {a.dtype}{list(a.shape)} "
+                f"but the record says {want['dtype']}{want['shape']}"
             )
         if checksum(a) != want["sha256"]:
             raise FusionError(f"{store.uri(folder)}/{name}: checksum differs from its record (corrupt data)")

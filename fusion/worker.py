@@ -124,5 +124,6 @@ def _work(run: Run, module, stage: str, part: str, lease: leases.Lease, config_h
     lease.finish()
     if record is None:
         raise FusionError(f"{stage} {part}: shard {index} ran but left no commit record")
-    log("committed", worker=worker, stage=stage, part=part, shard=index, seconds=round(time.perf_counter() - before, 3), lost_lease=lease.lost)
+    seconds = round(time.perf_counter() - before, 3)
+    log("committed", worker=worker, stage=stage, part=part, shard=index, seconds=seconds, lost_lease=lease.lost)
     return "committed"

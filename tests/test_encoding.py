@@ -12,7 +12,8 @@ def rows(seed: int, n: int = 3000, vocab: int = 40000, max_k: int = 12, dense: b
     counts = np.full(n, max_k) if dense else rng.integers(0, max_k + 1, size=n)
     ids = np.concatenate([rng.choice(vocab, size=c, replace=False) for c in counts]).astype(np.int64)
     lp = -np.abs(rng.standard_t(2, size=len(ids)) * 3)
-    lp = np.concatenate([np.sort(lp[a:b])[::-1] for a, b in zip(encoding.row_ptr(counts)[:-1], encoding.row_ptr(counts)[1:])])
+    ptr = encoding.row_ptr(counts)
+    lp = np.concatenate([np.sort(lp[a:b])[::-1] for a, b in zip(ptr[:-1], ptr[1:])])
     lp = lp.astype(np.float16)
     lp[:: 97] = np.float16(0.0)  # specials: zeros, positives, -inf, nan, unsorted entries
     lp[1::89] = np.float16(3e-5)

@@ -29,7 +29,9 @@ def synthetic_shard(seed: int, blocks: int):
             row[rng.integers(c)] = tokens[r] if tokens[r] not in row else row[0]
         ids.append(row)
         lps.append(np.sort(-rng.exponential(2, size=c))[::-1])
-    rows = SparseRows(counts.astype(np.int32), np.concatenate(ids).astype(np.int32), np.concatenate(lps).astype(np.float16).astype(np.float32), rng.random(len(tokens)).astype(np.float16).astype(np.float32))
+    as16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731  (values float16 can hold)
+    ids = np.concatenate(ids).astype(np.int32)
+    rows = SparseRows(counts.astype(np.int32), ids, as16(np.concatenate(lps)), as16(rng.random(len(tokens))))
     return tokens, ptr, rows, rng.integers(0, 3, size=blocks).astype(np.uint8)
 
 
@@ -57,7 +59,8 @@ def packed_store(request, tmp_path):
 
 
 def reader(store, **kw):
-    return PackedReader(store, batch_size=kw.pop("batch_size", 6), seed=kw.pop("seed", 3), bos=BOS, pad=PAD, config_hash="h", **kw)
+    batch_size, seed = kw.pop("batch_size", 6), kw.pop("seed", 3)
+    return PackedReader(store, batch_size=batch_size, seed=seed, bos=BOS, pad=PAD, config_hash="h", **kw)
 
 
 def collated(batch):

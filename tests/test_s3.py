@@ -47,8 +47,10 @@ def test_credentials_by_name_never_written(micro, s3_endpoint, s3_bucket, named_
 
 def test_missing_credential_variable_is_named(s3_endpoint, s3_bucket, monkeypatch):
     monkeypatch.delenv("NO_SUCH_SECRET", raising=False)
-    options = StoreOptionsSpec(endpoint_url=s3_endpoint, access_key_id_env="AWS_ACCESS_KEY_ID", secret_access_key_env="NO_SUCH_SECRET")
-    with pytest.raises(FusionError, match="store_options.secret_access_key_env: environment variable NO_SUCH_SECRET is not set"):
+    options = StoreOptionsSpec(
+        endpoint_url=s3_endpoint, access_key_id_env="AWS_ACCESS_KEY_ID", secret_access_key_env="NO_SUCH_SECRET"
+    )
+    with pytest.raises(FusionError, match="secret_access_key_env: environment variable NO_SUCH_SECRET is not set"):
         Store(f"s3://{s3_bucket}/run", options)
 
 

@@ -63,6 +63,10 @@ def events(log: Path) -> list[dict]:
     return out
 
 
+def claimed(log: Path) -> bool:
+    return any(e["event"] == "claimed" for e in events(log))
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -99,7 +103,7 @@ def test_pool_with_kills_and_faults(micro, s3_endpoint, s3_bucket, tmp_path, fau
         procs = [start_worker(spec_path, logs[i], lease_seconds=4) for i in range(4)]
         victims = rng.sample(range(4), 2)
         for v in victims:  # SIGKILL each victim at a random moment soon after it claims a shard
-            wait_for(lambda: any(e["event"] == "claimed" for e in events(logs[v])) or procs[v].poll() is not None, 120, f"worker {v} to claim")
+            wait_for(lambda v=v: claimed(logs[v]) or procs[v].poll() is not None, 120, f"worker {v} to claim")
             time.sleep(rng.uniform(0.0, 0.5))
             procs[v].send_signal(signal.SIGKILL)
         procs += [start_worker(spec_path, logs[i], lease_seconds=4) for i in range(4, 7)]
@@ -116,9 +120,10 @@ def test_pool_with_kills_and_faults(micro, s3_endpoint, s3_bucket, tmp_path, fau
         assert shards.is_part_committed(pool.store, STAGE, PART, pool.hash(STAGE, PART))
         record_puts = {}
         for method, path, status in proxy.writes:
-            if method == "PUT" and status == 200 and path.rsplit("/", 1)[-1].startswith(("shard-", "_COMMITTED")):
-                if path.endswith(".json") and f"/pool/{STAGE}/{PART}/" in path and "/_leases/" not in path:
-                    record_puts[path] = record_puts.get(path, 0) + 1
+            name = path.rsplit("/", 1)[-1]
+            is_record = name.startswith(("shard-", "_COMMITTED")) and name.endswith(".json")
+            if method == "PUT" and status == 200 and is_record and path.endswith(f"/pool/{STAGE}/{PART}/{name}"):
+                record_puts[path] = record_puts.get(path, 0) + 1
         assert len(record_puts) == n_shards + 1 and set(record_puts.values()) == {1}, record_puts
         # the same bytes as the single worker, and nothing left behind
         got = objects_of(pool)

@@ -78,7 +78,9 @@ def run_shard(run: Run, part: str, index: int) -> None:
     shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs={"fusion": stats})
 
 
-def pack(tokens: np.ndarray, seq_ptr: np.ndarray, fused: SparseRows, choice: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
+def pack(
+    tokens: np.ndarray, seq_ptr: np.ndarray, fused: SparseRows, choice: np.ndarray, vocab_size: int
+) -> dict[str, np.ndarray]:
     """The stored arrays of a packed shard (fusion/encoding.py)."""
     return {
         "tokens": tokens.astype(encoding.id_dtype(max(vocab_size, int(tokens.max(initial=0)) + 1))),

@@ -84,7 +84,9 @@ class TopK:
         self.model, self.k, self.device = model, k, device
         self.head = model.get_output_embeddings()
         self.body = getattr(model, model.base_model_prefix, None)
-        self.split_head = self.head is not None and self.body is not None and self._head_matches(torch)
+        if not hasattr(model, "_fusion_split_head"):  # probed once per model object
+            model._fusion_split_head = self.head is not None and self.body is not None and self._head_matches(torch)
+        self.split_head = model._fusion_split_head
 
     def _head_matches(self, torch) -> bool:
         """Whether logits == head(last hidden state) for this architecture (no soft-capping,
@@ -241,7 +243,9 @@ def run_shard(run: Run, part: str, index: int) -> None:
     shards.write_shard(run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=len(arrays["tokens"]))
 
 
-def pack(token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int) -> dict[str, np.ndarray]:
+def pack(
+    token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int
+) -> dict[str, np.ndarray]:
     """The stored arrays of a shard (fusion/encoding.py)."""
     dt = id_dtype(vocab_size)
     tokens = np.array([t for ids in token_ids for t in ids], dtype=dt)
@@ -287,7 +291,8 @@ def read(run: Run, part: str, index: int, names: list[str] | None = None) -> dic
     unknown = [n for n in names if n not in NEEDS]
     if unknown:
         raise FusionError(f"logits: no array {', '.join(unknown)} (known: {', '.join(NEEDS)})")
-    stored = shards.read_shard(run.store, NAME, part, index, sorted({s for n in names for s in NEEDS[n]}), run.hash(NAME, part))
+    needed = sorted({s for n in names for s in NEEDS[n]})
+    stored = shards.read_shard(run.store, NAME, part, index, needed, run.hash(NAME, part))
     return decode(stored, names, run.spec.logits.top_k)
 
 
