@@ -5,6 +5,8 @@ token), packed with the target's tokens as the training set.
 Arrays per shard: tokens (target ids) and seq_ptr (block offsets), the fused sparse rows
 (counts uint8, ids, logprobs float16, tail float16), and per block `choice`: the candidate
 with the best metric on the block (0 = the target itself, i = source i), for the logs.
+The record's attrs name the target tokenizer (its hash) and vocabulary size the ids belong to,
+so that training refuses packed data made for another target.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def run_shard(run: Run, part: str, index: int) -> None:
         "tail": fused.tail.astype(np.float16),
         "choice": choice.astype(np.uint8),
     }
-    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs={"fusion": stats})
+    attrs = {"fusion": stats, "target_tokenizer": run.tokenizer_hash(run.target.name), "vocab_size": vocab_size}
+    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs=attrs)
 
 
 def read(run: Run, index: int) -> dict[str, np.ndarray]:
