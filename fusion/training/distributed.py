@@ -73,6 +73,7 @@ class World:
     local_rank: int
     device: str  # "cpu" or "cuda:N"
     distributed: bool  # whether a torch.distributed process group exists
+    own_env: tuple[str, ...] = ()  # variables `init` set for a world of one; `close` removes them
 
     @property
     def main(self) -> bool:
@@ -112,8 +113,10 @@ def init(engine: str) -> World:
 
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_env = {}
     if "WORLD_SIZE" not in os.environ:  # one process without torchrun: a world of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        own_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(own_env)
     import importlib
     import warnings
 
@@ -130,7 +133,7 @@ def init(engine: str) -> World:
     else:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return World(rank, size, local_rank, device, True)
+    return World(rank, size, local_rank, device, True, tuple(own_env))
 
 
 def all_sum(world: World, values: list[float]) -> list[float]:
@@ -156,3 +159,5 @@ def close(world: World) -> None:
 
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    for name in world.own_env:
+        os.environ.pop(name, None)
