@@ -180,7 +180,7 @@ def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None
             eng.module.config.use_cache = True
             eng.module.save_pretrained(out, state_dict=weights)
             tokenizer.save_pretrained(out)
-            (out / "train_log.json").write_text(json.dumps(state.log, indent=0) + "\n")
+            (out / "train_log.json").write_text(json.dumps(state.log, indent=0, sort_keys=True) + "\n")
             (out / "README.md").write_text(model_card(run, eng, state))
             attrs = {"steps": len(state.log), "skipped_blocks": state.skipped}
             shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART), attrs=attrs)
