@@ -152,3 +152,12 @@ def test_torch_engine_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(FusionError, match="train.engine=torch trains in one process, but WORLD_SIZE=2"):
         distributed.init("torch")
+
+
+def test_bf16_needs_a_gpu(micro, tmp_path):
+    spec = parse_spec(micro.spec(tmp_path, **{"train.precision": "bf16"})).train
+    with pytest.raises(FusionError, match="train.precision=bf16 needs a CUDA device"):
+        engine.resolve_precision(spec, "cpu")
+    assert engine.resolve_precision(spec, "cuda:0") == "bf16"
+    auto = spec.model_copy(update={"precision": "auto"})
+    assert engine.resolve_precision(auto, "cpu") == "fp32" and engine.resolve_precision(auto, "cuda:0") == "bf16"
