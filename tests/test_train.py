@@ -331,3 +331,5 @@ def test_torchrun_arguments_from_the_pytorchjob_environment():
         "--rdzv-id=fusion-train", "-m", "fusion", "train", "/spec/run.yaml", "--store", "s3://b/run",
     ]
     assert distributed.torchrun_args(["s.yaml"], {})[:3] == ["--nnodes=1", "--nproc-per-node=1", "--standalone"]
+    elastic = {"PET_NNODES": "1:3", "PET_NPROC_PER_NODE": "4", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "job-worker-0:23456"}
+    assert distributed.torchrun_args(["s.yaml"], elastic) == ["--nnodes=1:3", "--nproc-per-node=4", "-m", "fusion", "train", "s.yaml"]

@@ -41,7 +41,9 @@ def torchrun_args(worker_args: list[str], env: dict | None = None) -> list[str]:
     env = os.environ if env is None else env
     nproc = env.get("PET_NPROC_PER_NODE") or str(max(1, torch.cuda.device_count()))
     args = [f"--nnodes={env.get('PET_NNODES') or 1}", f"--nproc-per-node={nproc}"]
-    if env.get("MASTER_ADDR"):
+    if env.get("PET_RDZV_ENDPOINT"):
+        pass  # an elastic PyTorchJob: torchrun reads PET_RDZV_BACKEND, _ENDPOINT, _ID itself
+    elif env.get("MASTER_ADDR"):
         endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or 29500}"
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=fusion-train"]
     else:
