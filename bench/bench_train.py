@@ -70,7 +70,9 @@ def build(args):
         rows = SparseRows.from_topk(ids, lp.astype(np.float32), tail.astype(np.float32))
         blocks.append(data.Block(rng.integers(0, args.vocab, size=n), rows, b % 3, f"block {b}"))
     # CLM-only training reads the same tokens and no teacher rows
-    no_teacher = SparseRows(np.zeros(args.seq, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(args.seq, np.float32))
+    n = args.seq
+    empty = np.zeros(0, np.float32)
+    no_teacher = SparseRows(np.zeros(n, np.int32), np.zeros(0, np.int64), empty, np.zeros(n, np.float32))
     plain = [data.Block(b.tokens, no_teacher, b.choice, b.where) for b in blocks]
     halves = [slice(0, args.batch), slice(args.batch, None)]
     return eng, {"fusion": [blocks[h] for h in halves], "clm": [plain[h] for h in halves]}
@@ -85,10 +87,12 @@ def step(eng, blocks, kind: str, vocab: int) -> None:
     batch = data.collate(blocks, bos=1, pad=0, width=vocab, candidates=3)
     logits = engine.forward(eng, batch)
     if kind == "fusion":
-        out = fusion_loss(logits, batch.labels, batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail, lam=0.9, reduction="sum")
+        teacher = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail)
+        out = fusion_loss(logits, batch.labels, *teacher, lam=0.9, reduction="sum")
         loss = out["loss"] / batch.tokens
     else:
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), batch.labels.reshape(-1), ignore_index=-100)
+        flat = logits.float().reshape(-1, vocab)
+        loss = torch.nn.functional.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=-100)
     engine.backward(eng, loss, last=True)
     engine.step(eng)
 

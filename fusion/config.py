@@ -143,7 +143,9 @@ class TrainSpec(Strict):
         description="torch: one plain process (the local tiny run); deepspeed: ZeRO data parallelism, "
         "one process per GPU started by torchrun (`fusion train`, the PyTorchJob entry).",
     )
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also the weights.")
+    zero_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also the weights."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 mixed precision on CUDA, fp32 on CPU. Master weights are always fp32."
     )

@@ -11,7 +11,9 @@ from fusion.run import Run
 from fusion.stages import fuse, split
 
 
-def write_packed(run: Run, blocks_per_shard: int = 12, seed: int = 0, top_k: int = 6, corrupt: dict | None = None) -> int:
+def write_packed(
+    run: Run, blocks_per_shard: int = 12, seed: int = 0, top_k: int = 6, corrupt: dict | None = None
+) -> int:
     """Commit fuse/train for `run`: as many shards as its split plan, `blocks_per_shard` blocks
     each. `corrupt` maps (shard, block) to a change: "nan" (a NaN teacher log-prob), "id"
     (a token id beyond the vocabulary). Returns the number of blocks."""

@@ -48,7 +48,8 @@ def test_token_ids_beyond_the_logits(micro, tmp_path, capsys):
     code, err = fusion_train_cli(capsys, path)
     assert code == BAD_INPUT_EXIT_CODE
     vocab = len(run.tokenizers["target"])
-    assert err.startswith("fusion: error: train: fuse/train/shard-00001.zarr block 5 holds token id") and f"id {vocab + 7}" in err
+    assert err.startswith("fusion: error: train: fuse/train/shard-00001.zarr block 5 holds token id")
+    assert f"id {vocab + 7}" in err
     assert "another tokenizer" in err
 
 
@@ -103,7 +104,10 @@ def test_a_deepspeed_checkpoint_of_another_world_size_is_refused(micro, tmp_path
     train.run_shard(run, train.PART, 0)
     run.store.remove("train/model")
     proc = subprocess.run(
-        [sys.executable, "-m", "fusion", "train", str(path)], env=env(PET_NPROC_PER_NODE=2), capture_output=True, text=True
+        [sys.executable, "-m", "fusion", "train", str(path)],
+        env=env(PET_NPROC_PER_NODE=2),
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == BAD_INPUT_EXIT_CODE, proc.stderr[-3000:]
     assert "was written by 1 ranks, this job has 2: ZeRO partitions are per rank" in proc.stderr

@@ -82,9 +82,12 @@ def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
     if world.main:
         applied = engine.describe(eng)
         run.store.write_json(ENGINE_LOG, applied)
-        print(f"[fusion] train: {eng.kind} engine, {world.size} rank(s), {eng.precision}, {steps} steps from step {state.step}; "
-              f"optimizer {applied['optimizer']['class']}, schedule {applied['schedule']['shape']} "
-              f"(details: {run.store.uri(ENGINE_LOG)})", flush=True)
+        print(
+            f"[fusion] train: {eng.kind} engine, {world.size} rank(s), {eng.precision}, {steps} steps from step "
+            f"{state.step}; optimizer {applied['optimizer']['class']}, schedule {applied['schedule']['shape']} "
+            f"(details: {run.store.uri(ENGINE_LOG)})",
+            flush=True,
+        )
 
     names = [run.target.name] + [s.name for s in run.sources]
     loop = range(state.step, steps)
@@ -105,7 +108,8 @@ def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
         if preempted:
             metrics.close(run, board)
             if world.main:
-                print(f"[fusion] train: SIGTERM; checkpoint of step {state.step} saved, exiting", file=sys.stderr, flush=True)
+                message = f"[fusion] train: SIGTERM; checkpoint of step {state.step} saved, exiting"
+                print(message, file=sys.stderr, flush=True)
             raise SystemExit(checkpoint.PREEMPTED_EXIT_CODE)
     metrics.close(run, board)
     export(run, eng, state)
@@ -123,7 +127,10 @@ def train_step(run: Run, eng: engine.Engine, reader, step: int, stop, candidates
     width = models.logit_width(models.model_config(run.target))
 
     blocks = [next(reader) for _ in range(layout.per_rank)]
-    batches = [data.collate(blocks[m : m + layout.micro], bos, pad, width, candidates) for m in range(0, len(blocks), layout.micro)]
+    batches = [
+        data.collate(blocks[m : m + layout.micro], bos, pad, width, candidates)
+        for m in range(0, len(blocks), layout.micro)
+    ]
     for batch in batches:
         for where in batch.skipped:
             print(f"[fusion] train: skipped {where}: non-finite teacher data", file=sys.stderr, flush=True)
@@ -213,9 +220,9 @@ Teacher taken from (blocks seen in training): {shares}.
 
 Data: `{spec.corpus.path}`, blocks of at most {spec.split.block_tokens} tokens; {sum(e["tokens"] for e in log)} target
 tokens trained on, {state.skipped} block(s) skipped for bad teacher data.
-Training: {len(log)} steps, batch {spec.train.batch_size}, AdamW lr {spec.train.lr} (warm-up {spec.train.warmup_steps} steps,
-cosine to {spec.train.min_lr_ratio:g} x), {engine_line} on {eng.world.size} rank(s), {eng.precision};
-final loss {last.get('loss')}.
+Training: {len(log)} steps, batch {spec.train.batch_size}, AdamW lr {spec.train.lr}
+(warm-up {spec.train.warmup_steps} steps, cosine to {spec.train.min_lr_ratio:g} x),
+{engine_line} on {eng.world.size} rank(s), {eng.precision}; final loss {last.get('loss')}.
 """
 
 

@@ -138,7 +138,9 @@ def load(run: Run, world: World, eng: engine.Engine, reader, scratch: Path) -> T
             f"{run.hash('train', 'model')}: training settings or data changed; use a new store or --redo train"
         )
     if latest.get("engine") != eng.kind:
-        raise FusionError(f"{where} was written by the {latest.get('engine')} engine, this run uses {eng.kind}; use --redo train")
+        raise FusionError(
+            f"{where} was written by the {latest.get('engine')} engine, this run uses {eng.kind}; use --redo train"
+        )
     if eng.kind == "deepspeed" and latest.get("world_size") != world.size:
         raise FusionError(
             f"{where} was written by {latest.get('world_size')} ranks, this job has {world.size}: ZeRO partitions are "

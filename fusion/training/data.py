@@ -36,7 +36,8 @@ class Block:
 def check_packed(run: Run) -> None:
     """Refuse packed data that was not made for this run's target, before any training."""
     if not shards.is_part_committed(run.store, fuse.NAME, fuse.PART, run.hash(fuse.NAME, fuse.PART)):
-        raise FusionError(f"train: {run.store.uri(shards.part_dir(fuse.NAME, fuse.PART))} is not committed (run the fuse stage first)")
+        where = run.store.uri(shards.part_dir(fuse.NAME, fuse.PART))
+        raise FusionError(f"train: {where} is not committed (run the fuse stage first)")
     tokenizer_hash = run.tokenizer_hash(run.target.name)
     for i in range(fuse.shard_count(run, fuse.PART)):
         record = shards.read_record(run.store, fuse.NAME, fuse.PART, i)
@@ -127,7 +128,9 @@ class BlockReader:
         mine = self.state_dict()
         for key in ("seed", "rank", "world_size"):
             if state[key] != mine[key]:
-                raise FusionError(f"train: the checkpoint's data position is for {key}={state[key]}, this process has {mine[key]}")
+                raise FusionError(
+                    f"train: the checkpoint's data position is for {key}={state[key]}, this process has {mine[key]}"
+                )
         self.position = int(state["position"])
 
 
@@ -173,7 +176,9 @@ def collate(blocks: list[Block], bos: int, pad: int, width: int, candidates: int
                     f"(packed for another tokenizer or vocabulary?)"
                 )
         if not 0 <= block.choice < candidates:
-            raise FusionError(f"train: {block.where} names candidate {block.choice}, but this run has {candidates} (target + sources)")
+            raise FusionError(
+                f"train: {block.where} names candidate {block.choice}, but this run has {candidates} (target + sources)"
+            )
     bad = [bad_teacher_data(b) for b in blocks]
     lengths = [len(b.tokens) for b in blocks]
     n_rows, longest = len(blocks), max(lengths)

@@ -139,12 +139,16 @@ def build(run: Run, world: World, total: int) -> Engine:
 
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     scheduler = ds.lr_scheduler
-    if ds.basic_optimizer is not optimizer or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or scheduler.optimizer is not optimizer:
+    adopted = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.optimizer is optimizer
+    if ds.basic_optimizer is not optimizer or not adopted:
         raise RuntimeError(
-            f"DeepSpeed did not adopt the trainer's optimizer and schedule (it uses {type(ds.basic_optimizer).__name__}, "
-            f"{type(scheduler).__name__}); refusing to train with a schedule nobody asked for"
+            f"DeepSpeed did not adopt the trainer's optimizer and schedule (it uses "
+            f"{type(ds.basic_optimizer).__name__}, {type(scheduler).__name__}); refusing to train with a schedule "
+            f"nobody asked for"
         )
-    return Engine("deepspeed", module, optimizer, scheduler, world, layout, precision, spec, total, ds, ds_config, hf_ds_config)
+    return Engine(
+        "deepspeed", module, optimizer, scheduler, world, layout, precision, spec, total, ds, ds_config, hf_ds_config
+    )
 
 
 def describe(engine: Engine) -> dict:
@@ -231,7 +235,11 @@ def save(engine: Engine, folder: Path) -> None:
     if engine.ds is not None:
         engine.ds.save_checkpoint(str(folder), tag="state", save_latest=False)
         return
-    state = {"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict()}
+    state = {
+        "model": engine.module.state_dict(),
+        "optimizer": engine.optimizer.state_dict(),
+        "scheduler": engine.scheduler.state_dict(),
+    }
     torch.save(state, folder / "state.pt")
 
 
@@ -239,7 +247,9 @@ def load(engine: Engine, folder: Path) -> None:
     import torch
 
     if engine.ds is not None:
-        path, _ = engine.ds.load_checkpoint(str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = engine.ds.load_checkpoint(
+            str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FusionError(f"train: DeepSpeed found no checkpoint state in {folder}")
         return

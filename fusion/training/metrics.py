@@ -26,7 +26,9 @@ from fusion.training.distributed import World
 TENSORBOARD = "logs/train/tensorboard"
 
 
-def step_entry(step: int, sums: dict, tokens: int, lr: float, choice: list[int], grad_norm: float, skipped: int) -> dict:
+def step_entry(
+    step: int, sums: dict, tokens: int, lr: float, choice: list[int], grad_norm: float, skipped: int
+) -> dict:
     return {
         "step": step,
         "loss": sums["loss"],
