@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-seconds", type=float, default=5.0, help="pause between looks while others hold the last shards")
     p.add_argument("--worker-id", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID or host-pid")
 
+    p = sub.add_parser(
+        "train",
+        help="the train stage; with train.engine=deepspeed outside torchrun, first start torchrun from the "
+        "PyTorchJob environment (the training pods' command)",
+    )
+    p.add_argument("spec")
+    p.add_argument("--store")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
     p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
     p.add_argument("--json", action="store_true")
@@ -132,6 +141,21 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from fusion.launch_local import shard_done
+    from fusion.stages import train
+    from fusion.training import distributed
+
+    run = _run(args.spec, args.store, args.set)
+    if shard_done(run, train.NAME, train.PART, 0):
+        return 0
+    if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():
+        worker_args = [args.spec, *(["--store", args.store] if args.store else []), *(f"--set={s}" for s in args.set)]
+        return distributed.launch(worker_args)
+    train.run_shard(run, train.PART, 0)
+    return 0
+
+
 def cmd_status(args) -> int:
     from fusion.status import format_status, status
 
@@ -168,6 +192,7 @@ COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
     "worker": cmd_worker,
+    "train": cmd_train,
     "status": cmd_status,
     "validate": cmd_validate,
     "schema": cmd_schema,

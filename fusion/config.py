@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,6 +107,20 @@ class FuseSpec(Strict):
     )
 
 
+# DeepSpeed config keys that the train settings own; `train.deepspeed` may not set them.
+DEEPSPEED_OWNED = {
+    "optimizer": "the trainer (AdamW with train.lr, train.weight_decay)",
+    "scheduler": "the trainer (train.warmup_steps, train.min_lr_ratio: warm-up then cosine)",
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size / (world size x train.micro_batch_size)",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "train.precision",
+    "fp16": "train.precision (bf16 or fp32 only)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+
+
 class TrainSpec(Strict):
     lam: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the CLM loss.")
     temperature: float = Field(1.0, gt=0.0)
@@ -117,15 +131,55 @@ class TrainSpec(Strict):
         "over the listed entries only (the original).",
     )
     epochs: float = Field(1.0, gt=0.0)
-    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (global).")
-    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass.")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step (global, over all ranks).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward pass and rank; default: the rank's whole share of the batch."
+    )
     lr: float = Field(1e-5, gt=0.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     seed: int = 42
+    engine: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="torch: one plain process (the local tiny run); deepspeed: ZeRO data parallelism, "
+        "one process per GPU started by torchrun (`fusion train`, the PyTorchJob entry).",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 shards optimizer states and gradients, 3 also the weights."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 mixed precision on CUDA, fp32 on CPU. Master weights are always fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra DeepSpeed config merged into the generated one (e.g. zero_optimization.offload_optimizer). "
+        "Keys the train settings own (optimizer, scheduler, batch sizes, clipping, precision, ZeRO stage) are refused.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in the store; older ones are deleted.")
+    max_skipped_blocks: int = Field(
+        100, ge=0, description="Blocks with non-finite teacher data are skipped and counted; more than this aborts."
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _no_owned_deepspeed_keys(cls, v: dict) -> dict:
+        for key, owner in DEEPSPEED_OWNED.items():
+            section, _, leaf = key.partition(".")
+            present = section in v and (not leaf or (isinstance(v[section], dict) and leaf in v[section]))
+            if present:
+                raise ValueError(f"'{key}' is set by {owner}; a DeepSpeed block would silently replace it")
+        return v
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the trained weights (not how often to checkpoint, nor when to give up)."""
+        out = self.model_dump(mode="json", by_alias=True)
+        for key in ("checkpoint_every", "keep_checkpoints", "max_skipped_blocks"):
+            out.pop(key)
+        return out
 
 
 class EvalSpec(Strict):

@@ -25,9 +25,16 @@ L_CLM = -log q_label. Both are averaged over real positions (reduction="mean") o
 Memory: the positions are processed `chunk_size` at a time; per chunk the loss and its gradient
 with respect to the chunk's logits are computed in forward, in float32 (float64 for float64
 logits), and stored in the logits' dtype. So no [B, L, V] float32 temporary exists, only
-[chunk_size, V] ones, plus one gradient buffer the size of the logits until backward.
+one [chunk_size, V] one, plus one gradient buffer the size of the logits until backward.
 Gradient per position: q - (1 - lam) * (P scattered on the listed ids + P_tail * q restricted
 to the unlisted ids / Q_tail) - lam * onehot(label).
+
+Speed: one exponential pass over the chunk serves everything. With m the row maximum and
+e = exp(z - m), the unlisted sum S_u (listed entries zeroed, then summed) and the listed sum
+are both sums of positive terms, so Q_tail = S_u / (S_u + listed) has no cancellation. Only
+where S_u underflows (below sqrt of the smallest normal float: the unlisted logits sit hundreds
+below the maximum) and the teacher has a tail are those rows redone with a logsumexp over the
+unlisted ids. The chunk's buffer then becomes the gradient in place.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class _SparseFusionLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, bi, li, labels, ids, pad, p, p_tail, lam, scale, chunk_size, want_grad):
         cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        tiny = torch.finfo(cdt).tiny ** 0.5
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format) if want_grad else None
         clm_sum = torch.zeros((), dtype=cdt, device=logits.device)
         ce_sum = torch.zeros((), dtype=cdt, device=logits.device)
@@ -67,31 +75,37 @@ class _SparseFusionLoss(torch.autograd.Function):
         for a in range(0, n, step):
             sl = slice(a, a + step)
             z = logits[bi[sl], li[sl]].to(cdt)  # a fresh [c, V] copy: safe to overwrite
-            lab, idc, pc, ptc = labels[sl, None], ids[sl], p[sl], p_tail[sl, None]
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            clm_sum += (lse - z.gather(1, lab)).sum()
-            log_q = z.gather(1, idc) - lse
-            ce_sum -= (pc * log_q).sum()
-            has_tail = bool((ptc > 0).any())
-            if has_tail:
-                z.scatter_(1, idc, float("-inf"))
-                lse_u = torch.logsumexp(z, -1, keepdim=True)  # -inf only if every id is listed
-                log_qt = lse_u - lse
-                ce_sum -= torch.where(ptc > 0, ptc * log_qt, torch.zeros_like(ptc)).sum()
+            lab, idc, padc, pc, ptc = labels[sl, None], ids[sl], pad[sl], p[sl], p_tail[sl, None]
+            z_lab, z_listed = z.gather(1, lab), z.gather(1, idc)
+            m = z.amax(-1, keepdim=True)
+            z.sub_(m).exp_()  # e = exp(z - m)
+            e_listed = (z_listed - m).exp().masked_fill(padc, 0.0)
+            z.scatter_(1, idc, 0.0)
+            s_u = z.sum(-1, keepdim=True)  # unlisted mass (times e^-m)
+            log_s = (s_u + e_listed.sum(-1, keepdim=True)).log()
+            lse = m + log_s
+            clm_sum += (lse - z_lab).sum()
+            ce_sum -= (pc * (z_listed - lse)).sum()
+            log_qt = s_u.log() - log_s
+            exact = ((ptc > 0) & (s_u < tiny)).squeeze(1).nonzero().squeeze(1)
+            if exact.numel():  # S_u underflowed: the unlisted logsumexp of these rows, exactly
+                zz = logits[bi[sl][exact], li[sl][exact]].to(cdt).scatter_(1, idc[exact], float("-inf"))
+                lse_u = torch.logsumexp(zz, -1, keepdim=True)  # -inf only if every id is listed
+                log_qt[exact] = lse_u - lse[exact]
+            ce_sum -= torch.where(ptc > 0, ptc * log_qt, torch.zeros_like(ptc)).sum()
             if not want_grad:
                 continue
-            if has_tail:
-                # unlisted ids: q_j - (1-lam) P_tail q_j / Q_tail = (q_j / Q_tail) (Q_tail - (1-lam) P_tail)
-                z.sub_(torch.where(torch.isfinite(lse_u), lse_u, torch.zeros_like(lse_u))).exp_()
-                z.mul_(log_qt.exp() - (1 - lam) * ptc)
-                listed = (log_q.exp() - (1 - lam) * pc).masked_fill(pad[sl], 0.0)
-            else:
-                z.sub_(lse).exp_()
-                listed = -(1 - lam) * pc
-            # padding slots point at a real id of the row and add 0
-            z.scatter_add_(1, idc, listed)
-            z.scatter_add_(1, lab, torch.full(lab.shape, -lam, dtype=cdt, device=z.device))
-            grad[bi[sl], li[sl]] = (z * scale).to(grad.dtype)
+            # unlisted ids: q_j - (1-lam) P_tail q_j / Q_tail = e_j (1 / S - (1-lam) P_tail / S_u)
+            tail_part = torch.where((ptc > 0) & (s_u >= tiny), ptc / s_u, torch.zeros_like(ptc))
+            z.mul_((torch.exp(-log_s) - (1 - lam) * tail_part) * scale)
+            if exact.numel():
+                zz.sub_(torch.where(torch.isfinite(lse_u), lse_u, torch.zeros_like(lse_u))).exp_()
+                z[exact] = zz.mul_((log_qt[exact].exp() - (1 - lam) * ptc[exact]) * scale)
+            # listed ids: q_k - (1-lam) P_k; padding slots point at a real id of the row and add 0
+            listed = (e_listed * torch.exp(-log_s) - (1 - lam) * pc).masked_fill(padc, 0.0)
+            z.scatter_add_(1, idc, listed * scale)
+            z.scatter_add_(1, lab, torch.full(lab.shape, -lam * scale, dtype=cdt, device=z.device))
+            grad[bi[sl], li[sl]] = z.to(grad.dtype)
         ctx.grad = grad
         loss = scale * (lam * clm_sum + (1 - lam) * ce_sum)
         ctx.mark_non_differentiable(clm_sum, ce_sum)

@@ -112,7 +112,9 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(spec: ModelSpec, device: str = "cpu", path: Path | None = None, dtype: str | None = None):
+def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = None, dtype: str | None = None):
+    """The model in eval mode on `device` (None: wherever loading put it, e.g. DeepSpeed ZeRO-3
+    partitions)."""
     from transformers import AutoModelForCausalLM
 
     path = path or model_dir(spec)
@@ -120,7 +122,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", path: Path | None = None, d
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
     except Exception as e:
         raise FusionError(f"model '{spec.name}': cannot load {path} ({type(e).__name__}: {e})") from None
-    return model.to(device).eval()
+    return (model if device is None else model.to(device)).eval()
 
 
 def pick_device(setting: str) -> str:

@@ -202,3 +202,21 @@ def test_bad_input_names_the_culprit():
         fusion_loss(logits, labels, ids, lp, tail, 0.5, tail="drop")
     with pytest.raises(FusionError, match="lam"):
         fusion_loss(logits, labels, ids, lp, tail, 1.5)
+
+
+def test_unlisted_mass_below_float32_range_is_computed_exactly():
+    """Rows whose unlisted logits sit ~150 below the listed ones: exp underflows in float32,
+    so Q_tail comes from a logsumexp over the unlisted ids (the teacher has a tail there)."""
+    logits, labels, ids, lp, tail = make_case()
+    far = logits.clone() - 150.0
+    listed = ids.clamp(min=0)
+    far.scatter_(2, listed, logits.gather(2, listed))  # listed ids keep their logits
+    x = far.float().requires_grad_()
+    out = fusion_loss(x, labels, ids, lp.float(), tail.float(), 0.7)
+    out["loss"].backward()
+    y = far.clone().requires_grad_()
+    ref, _, ref_fus = dense_loss(y, labels, ids, lp, tail, 0.7)
+    ref.backward()
+    assert ref_fus > 10  # the tail term is large: the student puts e^-150 where the teacher has 0.25
+    torch.testing.assert_close(out["loss"].double(), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=0, atol=1e-6)

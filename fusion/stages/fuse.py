@@ -7,6 +7,8 @@ fused sparse rows (counts, ids, logprobs float16, tail float16), and per block `
 candidate with the best metric on the block (0 = the target itself, i = source i), for the logs.
 Stored compactly and exactly (fusion/encoding.py: row-wise log-prob deltas, the real token's
 id left out of its row).
+The record's attrs name the target tokenizer (its hash) and vocabulary size the ids belong to,
+so that training refuses packed data made for another target.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def run_shard(run: Run, part: str, index: int) -> None:
     else:
         choice = np.argmin(costs, axis=0)
     arrays = pack(own["tokens"], own["seq_ptr"], fused, choice, vocab_size)
-    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs={"fusion": stats})
+    attrs = {"fusion": stats, "target_tokenizer": run.tokenizer_hash(run.target.name), "vocab_size": vocab_size}
+    shards.write_shard(run.store, NAME, PART, index, arrays, run.hash(NAME, PART), rows=fused.rows, attrs=attrs)
 
 
 def pack(

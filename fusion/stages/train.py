@@ -3,33 +3,40 @@
 loss = lambda * CLM + (1 - lambda) * L_fusion (fusion/loss.py), over the sparse fused
 distributions that the fuse stage packed; never a dense [batch, length, vocab] teacher.
 
-Checkpoints go to the run's store every `train.checkpoint_every` steps: weights, optimizer,
-RNG state and the log. A restarted task resumes from the newest one and continues exactly as
-an uninterrupted run would (same data order, same arithmetic). The final model is a Hugging
-Face folder (safetensors), committed as `train/model`.
+The recipe, top to bottom (its parts live in fusion/training/):
+    setup       the process world, the data of this rank, the engine (plain torch, or DeepSpeed
+                ZeRO-2/3), the newest checkpoint if there is one
+    train_step  this rank's share of the global batch in micro-batches: forward, fusion loss,
+                backward; the ranks sum their token counts and losses; the optimizer steps
+    checkpoint  every `train.checkpoint_every` steps and on SIGTERM, into the run's store;
+                a restarted task continues exactly as an uninterrupted run would
+    export      the fused model as a Hugging Face folder (safetensors, tokenizer, model card,
+                train_log.json), committed as `train/model`
+
+Launch: `fusion run SPEC` trains in one process (train.engine=torch, or deepspeed with a world
+of one). Several processes or nodes: every node runs `torchrun ... -m fusion train SPEC`
+(fusion.training.distributed.torchrun_command, the PyTorchJob entry), train.engine=deepspeed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import sys
 import tempfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
-
-import numpy as np
 
 from fusion import models, shards
 from fusion.errors import FusionError
 from fusion.progress import bar
 from fusion.run import Run
-from fusion.sparse import SparseRows
 from fusion.stages import fuse
+from fusion.training import checkpoint, data, distributed, engine, metrics
 
 NAME = "train"
 PART = "model"
-CHECKPOINTS = "train/checkpoints"
+ENGINE_LOG = "logs/train/engine.json"
 
 
 def parts(run: Run) -> list[str]:
@@ -44,7 +51,7 @@ def fingerprint(run: Run, part: str) -> dict:
     return {
         "packed": run.hash("fuse", fuse.PART),
         "target": run.model_identity(run.target.name),
-        "train": run.spec.train.model_dump(mode="json", by_alias=True),
+        "train": run.spec.train.fingerprint(),
     }
 
 
@@ -52,192 +59,149 @@ def shard_count(run: Run, part: str) -> int:
     return 1
 
 
-# ---- data ---------------------------------------------------------------------------------------
-@dataclass
-class Packed:
-    """All packed blocks of a run, flat: block b owns tokens[ptr[b]:ptr[b+1]] and those rows."""
-
-    tokens: np.ndarray
-    ptr: np.ndarray
-    rows: SparseRows
-    choice: np.ndarray
-
-    @property
-    def blocks(self) -> int:
-        return len(self.ptr) - 1
-
-
-def load_packed(run: Run) -> Packed:
-    arrays = [fuse.read(run, i) for i in range(fuse.shard_count(run, fuse.PART))]
-    tokens = np.concatenate([a["tokens"].astype(np.int64) for a in arrays])
-    lengths = np.concatenate([np.diff(a["seq_ptr"]) for a in arrays])
-    ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    rows = SparseRows(
-        counts=np.concatenate([a["counts"] for a in arrays]).astype(np.int32),
-        ids=np.concatenate([a["ids"] for a in arrays]).astype(np.int32),
-        logprobs=np.concatenate([a["logprobs"] for a in arrays]).astype(np.float32),
-        tail=np.concatenate([a["tail"] for a in arrays]).astype(np.float32),
-    )
-    choice = np.concatenate([a["choice"] for a in arrays])
-    return Packed(tokens, ptr, rows, choice)
-
-
-def sample_order(blocks: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(blocks)
-
-
-def batch_blocks(step: int, batch_size: int, blocks: int, seed: int) -> list[int]:
-    """The blocks of optimizer step `step`: a fixed function of the step, so resuming needs
-    nothing but the step number."""
-    out = []
-    for g in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(g, blocks)
-        out.append(int(sample_order(blocks, seed, epoch)[pos]))
-    return out
-
-
-def collate(packed: Packed, blocks: list[int], bos: int, pad: int):
-    """Tensors for a list of blocks: inputs [B, W+1] (BOS first), labels [B, W] (-100 on
-    padding), teacher ids/logprobs [B, W, K] (-1 / -inf padding) and tail [B, W]."""
-    import torch
-
-    lengths = [int(packed.ptr[b + 1] - packed.ptr[b]) for b in blocks]
-    width = max(lengths)
-    k = max(1, max(int(packed.rows.counts[packed.ptr[b] : packed.ptr[b + 1]].max(initial=0)) for b in blocks))
-    inputs = np.full((len(blocks), width + 1), pad, dtype=np.int64)
-    labels = np.full((len(blocks), width), -100, dtype=np.int64)
-    t_ids = np.full((len(blocks), width, k), -1, dtype=np.int64)
-    t_lp = np.full((len(blocks), width, k), -np.inf, dtype=np.float32)
-    t_tail = np.zeros((len(blocks), width), dtype=np.float32)
-    inputs[:, 0] = bos
-    for r, (b, n) in enumerate(zip(blocks, lengths)):
-        a = packed.ptr[b]
-        inputs[r, 1 : n + 1] = packed.tokens[a : a + n]
-        labels[r, :n] = packed.tokens[a : a + n]
-        ids, lp = packed.rows.slice(a, a + n).padded(k)
-        t_ids[r, :n], t_lp[r, :n] = ids, lp
-        t_tail[r, :n] = packed.rows.tail[a : a + n]
-    mask = np.zeros_like(inputs)
-    for r, n in enumerate(lengths):
-        mask[r, : n + 1] = 1
-    as_t = torch.from_numpy
-    return as_t(inputs), as_t(mask), as_t(labels), as_t(t_ids), as_t(t_lp), as_t(t_tail)
-
-
-# ---- schedule ------------------------------------------------------------------------------------
-def learning_rate(step: int, total: int, spec) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    progress = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
-    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def total_steps(blocks: int, spec) -> int:
-    return max(1, math.ceil(spec.epochs * blocks / spec.batch_size))
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(run: Run, step: int, model, optimizer, log: list[dict]) -> None:
-    import torch
-
-    rel = f"{CHECKPOINTS}/step-{step:07d}"
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, buf)
-    run.store.write_bytes(f"{rel}/state.pt", buf.getvalue())
-    run.store.write_json(f"{rel}/log.json", log)
-    # written last: a checkpoint exists only once `latest.json` names it
-    run.store.write_json(f"{CHECKPOINTS}/latest.json", {"step": step, "path": rel, "config_hash": run.hash(NAME, PART)})
-
-
-def load_checkpoint(run: Run, model, optimizer) -> tuple[int, list[dict]]:
-    """Restore the newest checkpoint; returns (next step, log). (0, []) when there is none."""
-    import torch
-
-    latest = run.store.read_json(f"{CHECKPOINTS}/latest.json")
-    if latest is None:
-        return 0, []
-    if latest["config_hash"] != run.hash(NAME, PART):
-        raise FusionError(
-            f"{run.store.uri(CHECKPOINTS)}/latest.json is a checkpoint of config hash {latest['config_hash']}, "
-            f"this run's is {run.hash(NAME, PART)}: training settings or data changed; use a new store or --redo train"
-        )
-    rel = latest["path"]
-    state = torch.load(io.BytesIO(run.store.read_bytes(f"{rel}/state.pt")), weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return latest["step"], run.store.read_json(f"{rel}/log.json")
-
-
-# ---- the task ------------------------------------------------------------------------------------
 def run_shard(run: Run, part: str, index: int) -> None:
-    import torch
+    world = distributed.init(run.spec.train.engine)
+    stop, previous_handler = checkpoint.watch_sigterm()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"fusion-train-rank{world.rank}-") as scratch:
+            train(run, world, stop, Path(scratch))
+    finally:
+        checkpoint.unwatch_sigterm(previous_handler)
+        distributed.close(world)
 
+
+# ---- setup and the step loop ---------------------------------------------------------------------
+def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
+    spec = run.spec.train
+    data.check_packed(run)
+    reader = data.open_reader(run, world.rank, world.size)
+    steps = engine.total_steps(reader.blocks, spec)
+    eng = engine.build(run, world, steps)
+    state = checkpoint.load(run, world, eng, reader, scratch)
+    board = metrics.open_board(run, world, scratch, state.step)
+    if world.main:
+        applied = engine.describe(eng)
+        run.store.write_json(ENGINE_LOG, applied)
+        print(
+            f"[fusion] train: {eng.kind} engine, {world.size} rank(s), {eng.precision}, {steps} steps from step "
+            f"{state.step}; optimizer {applied['optimizer']['class']}, schedule {applied['schedule']['shape']} "
+            f"(details: {run.store.uri(ENGINE_LOG)})",
+            flush=True,
+        )
+
+    names = [run.target.name] + [s.name for s in run.sources]
+    loop = range(state.step, steps)
+    for step in bar(loop, desc="train", unit="step") if world.main else loop:
+        started = time.perf_counter()
+        entry, preempted = train_step(run, eng, reader, step, stop, len(names))
+        state.step, state.skipped = step + 1, state.skipped + entry["skipped"]
+        state.log.append(entry)
+        if state.skipped > spec.max_skipped_blocks:
+            raise FusionError(
+                f"train: {state.skipped} blocks skipped for non-finite teacher data, more than "
+                f"train.max_skipped_blocks={spec.max_skipped_blocks}: the packed data (fuse/train) looks corrupt"
+            )
+        metrics.write(board, entry, names, time.perf_counter() - started, state.skipped)
+        if preempted or (state.step % spec.checkpoint_every == 0 and state.step < steps):
+            checkpoint.save(run, world, eng, reader, state, scratch)
+            metrics.sync(run, board)
+        if preempted:
+            metrics.close(run, board)
+            if world.main:
+                message = f"[fusion] train: SIGTERM; checkpoint of step {state.step} saved, exiting"
+                print(message, file=sys.stderr, flush=True)
+            raise SystemExit(checkpoint.PREEMPTED_EXIT_CODE)
+    metrics.close(run, board)
+    export(run, eng, state)
+
+
+def train_step(run: Run, eng: engine.Engine, reader, step: int, stop, candidates: int) -> tuple[dict, bool]:
+    """One optimizer step over the global batch; returns its log entry and whether the ranks
+    agreed to stop (SIGTERM on any rank)."""
     from fusion.loss import fusion_loss
 
-    spec = run.spec.train
-    packed = load_packed(run)
-    if packed.blocks == 0:
-        raise FusionError("train: the packed data holds no blocks")
-    target = run.target
-    tokenizer = run.tokenizers[target.name]
-    bos = models.context_token_id(target, tokenizer)
+    spec, world, layout = run.spec.train, eng.world, eng.layout
+    tokenizer = run.tokenizers[run.target.name]
+    bos = models.context_token_id(run.target, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
-    width = models.logit_width(models.model_config(target))
-    if int(packed.tokens.max(initial=0)) >= width or int(packed.rows.ids.max(initial=0)) >= width:
-        raise FusionError(f"train: packed data holds token ids beyond the target's {width} logits (made for another tokenizer?)")
+    width = models.logit_width(models.model_config(run.target))
 
-    torch.manual_seed(spec.seed)
-    model = models.load_model(target, "cpu")
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    steps = total_steps(packed.blocks, spec)
-    start, log = load_checkpoint(run, model, optimizer)
-    micro = spec.micro_batch_size or spec.batch_size
-    for step in bar(range(start, steps), desc="train", total=steps - start, unit="step"):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, spec)
-        blocks = batch_blocks(step, spec.batch_size, packed.blocks, spec.seed)
-        real = int(sum(packed.ptr[b + 1] - packed.ptr[b] for b in blocks))
-        sums = {"loss": 0.0, "clm": 0.0, "fusion": 0.0}
-        for m in range(0, len(blocks), micro):
-            part_blocks = blocks[m : m + micro]
-            inputs, mask, labels, t_ids, t_lp, t_tail = collate(packed, part_blocks, bos, pad)
-            logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
-            out = fusion_loss(
-                logits, labels, t_ids, t_lp, t_tail, lam=spec.lam, temperature=spec.temperature, kind=spec.loss, tail=spec.tail
-            )
-            share = float((labels != -100).sum()) / real  # token-weighted mean over the whole batch
-            (out["loss"] * share).backward()
-            for key in sums:
-                sums[key] += float(out[key].detach()) * share
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        choices = np.bincount(packed.choice[blocks], minlength=1 + len(run.sources)).tolist()
-        log.append({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": group["lr"], "tokens": real, "choice": choices})
-        if (step + 1) % spec.checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(run, step + 1, model, optimizer, log)
-    export(run, model, tokenizer, log)
+    blocks = [next(reader) for _ in range(layout.per_rank)]
+    batches = [
+        data.collate(blocks[m : m + layout.micro], bos, pad, width, candidates)
+        for m in range(0, len(blocks), layout.micro)
+    ]
+    for batch in batches:
+        for where in batch.skipped:
+            print(f"[fusion] train: skipped {where}: non-finite teacher data", file=sys.stderr, flush=True)
+    choice = [sum(b.choice[c] for b in batches) for c in range(candidates)]
+    counts = distributed.all_sum(world, [sum(b.tokens for b in batches), sum(len(b.skipped) for b in batches), *choice])
+    tokens, skipped, choice = int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]]
 
-
-def export(run: Run, model, tokenizer, log: list[dict]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        model.eval()
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "train_log.json").write_text(json.dumps(log, indent=0, sort_keys=True) + "\n")
-        (out / "README.md").write_text(model_card(run, log))
-        shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART), attrs={"steps": len(log)})
+    lr = engine.current_lr(eng)
+    sums = [0.0, 0.0, 0.0]
+    for i, batch in enumerate(batches):
+        logits = engine.forward(eng, batch)
+        dev = logits.device
+        out = fusion_loss(
+            logits,
+            batch.labels.to(dev),
+            batch.teacher_ids.to(dev),
+            batch.teacher_logprobs.to(dev),
+            batch.teacher_tail.to(dev),
+            lam=spec.lam,
+            temperature=spec.temperature,
+            kind=spec.loss,
+            tail=spec.tail,
+            reduction="sum",
+        )
+        # a share of the global token-weighted mean; summed over micro-batches and ranks
+        engine.backward(eng, out["loss"] / max(tokens, 1), last=i == len(batches) - 1)
+        for j, key in enumerate(("loss", "clm", "fusion")):
+            sums[j] += float(out[key].detach())
+    totals = distributed.all_sum(world, [*sums, float(stop.is_set())])
+    mean = {key: totals[j] / max(tokens, 1) for j, key in enumerate(("loss", "clm", "fusion"))}
+    if not math.isfinite(mean["loss"]):
+        raise FusionError(
+            f"train: the loss is not finite at step {step + 1} (diverged: lower train.lr or check the packed data); "
+            f"the newest checkpoint is intact"
+        )
+    grad_norm = engine.step(eng)
+    entry = metrics.step_entry(step + 1, mean, tokens, lr, choice, grad_norm, skipped)
+    return entry, totals[3] > 0
 
 
-def model_card(run: Run, log: list[dict]) -> str:
-    spec = run.spec
+# ---- export --------------------------------------------------------------------------------------
+def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None:
+    """The fused model as a Hugging Face folder, in the target's dtype, committed by rank 0.
+    Every rank takes part in gathering the weights (ZeRO-3 holds them in slices)."""
+    import torch
+
+    weights = engine.full_state_dict(eng)
+    if eng.world.main:
+        dtype = models.torch_dtype(run.target.dtype)
+        weights = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in weights.items()}
+        tokenizer = run.tokenizers[run.target.name]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            eng.module.config.use_cache = True
+            eng.module.save_pretrained(out, state_dict=weights)
+            tokenizer.save_pretrained(out)
+            (out / "train_log.json").write_text(json.dumps(state.log, indent=0, sort_keys=True) + "\n")
+            (out / "README.md").write_text(model_card(run, eng, state))
+            attrs = {"steps": len(state.log), "skipped_blocks": state.skipped}
+            shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART), attrs=attrs)
+    distributed.barrier(eng.world)
+
+
+def model_card(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> str:
+    spec, log = run.spec, state.log
     sources = "\n".join(f"- `{s.name}`: {s.path}" for s in run.sources)
+    names = [run.target.name] + [s.name for s in run.sources]
+    chosen = [sum(e["choice"][i] for e in log) for i in range(len(names))]
+    shares = ", ".join(f"`{n}` {c / max(1, sum(chosen)):.1%}" for n, c in zip(names, chosen))
     last = log[-1] if log else {}
+    engine_line = f"{eng.kind}" + (f" ZeRO-{spec.train.zero_stage}" if eng.kind == "deepspeed" else "")
     return f"""---
 library_name: transformers
 tags: [knowledge-fusion, fusellm]
@@ -252,9 +216,13 @@ Sources:
 Method: alignment `{spec.align.mode}`, fusion `{spec.fuse.function}` at {spec.fuse.level} level by
 `{spec.fuse.metric}`, top-{spec.fuse.top_k} fused distributions; loss = {spec.train.lam} * CLM +
 {1 - spec.train.lam:g} * {spec.train.loss} (tail: {spec.train.tail}, temperature {spec.train.temperature}).
+Teacher taken from (blocks seen in training): {shares}.
 
-Data: `{spec.corpus.path}`, blocks of at most {spec.split.block_tokens} tokens.
-Training: {len(log)} steps, batch {spec.train.batch_size}, lr {spec.train.lr}; final loss {last.get('loss')}.
+Data: `{spec.corpus.path}`, blocks of at most {spec.split.block_tokens} tokens; {sum(e["tokens"] for e in log)} target
+tokens trained on, {state.skipped} block(s) skipped for bad teacher data.
+Training: {len(log)} steps, batch {spec.train.batch_size}, AdamW lr {spec.train.lr}
+(warm-up {spec.train.warmup_steps} steps, cosine to {spec.train.min_lr_ratio:g} x),
+{engine_line} on {eng.world.size} rank(s), {eng.precision}; final loss {last.get('loss')}.
 """
 
 

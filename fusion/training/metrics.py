@@ -1,0 +1,94 @@
+"""What the trainer reports: one log entry per step, and TensorBoard scalars.
+
+The log (train_log.json in the exported model folder, drawn by the eval report) holds per step:
+loss, clm, fusion (nats per token, token-weighted over the global batch), lr (read back from the
+optimizer), tokens, choice (blocks per candidate MinCE took the teacher from, the target first),
+grad_norm, skipped (blocks dropped for bad teacher data). It has no timings, so an interrupted and
+resumed run logs exactly what an uninterrupted one does.
+
+TensorBoard (rank 0) gets the same numbers plus throughput, under the run store's
+logs/train/tensorboard/:
+    loss/total, loss/clm, loss/fusion, lr, grad_norm, data/skipped_blocks,
+    choice/<model> (share of the step's blocks), throughput/tokens_per_s
+For a local store the events go straight there (watch it live); for a remote one into a scratch
+folder uploaded at every checkpoint and at the end. A resumed run purges what the interrupted
+one logged after its checkpoint (TensorBoard's purge_step), so curves never double back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusion.run import Run
+from fusion.training.distributed import World
+
+TENSORBOARD = "logs/train/tensorboard"
+
+
+def step_entry(
+    step: int, sums: dict, tokens: int, lr: float, choice: list[int], grad_norm: float, skipped: int
+) -> dict:
+    return {
+        "step": step,
+        "loss": sums["loss"],
+        "clm": sums["clm"],
+        "fusion": sums["fusion"],
+        "lr": lr,
+        "tokens": tokens,
+        "choice": choice,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+    }
+
+
+@dataclass
+class Board:
+    writer: object  # torch.utils.tensorboard.SummaryWriter
+    folder: Path
+    remote: bool  # upload `folder` to the store at sync
+
+
+def open_board(run: Run, world: World, scratch: Path, start_step: int) -> Board | None:
+    if not world.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    if start_step == 0:
+        run.store.remove(TENSORBOARD)  # a fresh start: curves of an earlier run would mislead
+    local = run.store.local_path(TENSORBOARD)
+    folder = local if local is not None else scratch / "tensorboard"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Board(SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None), folder, local is None)
+
+
+def write(board: Board | None, entry: dict, names: list[str], seconds: float, skipped_total: int) -> None:
+    if board is None:
+        return
+    w, step = board.writer, entry["step"]
+    for key in ("loss", "clm", "fusion"):
+        w.add_scalar(f"loss/{'total' if key == 'loss' else key}", entry[key], step)
+    w.add_scalar("lr", entry["lr"], step)
+    w.add_scalar("grad_norm", entry["grad_norm"], step)
+    w.add_scalar("data/skipped_blocks", skipped_total, step)
+    blocks = max(1, sum(entry["choice"]))
+    for name, count in zip(names, entry["choice"]):
+        w.add_scalar(f"choice/{name}", count / blocks, step)
+    w.add_scalar("throughput/tokens_per_s", entry["tokens"] / max(seconds, 1e-9), step)
+
+
+def sync(run: Run, board: Board | None) -> None:
+    """Make the store's copy current (a checkpoint or the end of training)."""
+    if board is None:
+        return
+    board.writer.flush()
+    if board.remote:
+        for f in sorted(board.folder.rglob("*")):
+            if f.is_file():
+                run.store.fs.put_file(str(f), run.store.path(f"{TENSORBOARD}/{f.relative_to(board.folder).as_posix()}"))
+
+
+def close(run: Run, board: Board | None) -> None:
+    if board is not None:
+        sync(run, board)
+        board.writer.close()
