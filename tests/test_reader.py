@@ -1,4 +1,5 @@
-"""The training-side reader: the same tensors and order as train.collate / batch_blocks,
+"""The training-side reader: the same tensors and order as the trainer's in-memory path
+(fusion/training/data.py),
 sharded across ranks, resumable, streaming from local or S3 stores."""
 
 import numpy as np
@@ -9,8 +10,9 @@ from fusion import shards
 from fusion.errors import FusionError
 from fusion.reader import PackedReader, epoch_order
 from fusion.sparse import SparseRows, concat
-from fusion.stages import fuse, train
+from fusion.stages import fuse
 from fusion.store import Store
+from fusion.training import data
 
 BOS, PAD, VOCAB = 1, 0, 3000
 
@@ -37,7 +39,7 @@ def synthetic_shard(seed: int, blocks: int):
 
 @pytest.fixture(params=["file", "s3"])
 def packed_store(request, tmp_path):
-    """A committed fuse part of 5 shards, and the same data as train.Packed."""
+    """A committed fuse part of 5 shards, and the same data as the trainer holds it in memory."""
     if request.param == "file":
         store = Store(str(tmp_path / "run"))
     else:
@@ -49,13 +51,32 @@ def packed_store(request, tmp_path):
     lengths = np.concatenate([np.diff(p[1]) for p in parts])
     ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])
-    packed = train.Packed(
-        np.concatenate([p[0] for p in parts]),
-        ptr,
-        concat([p[2] for p in parts]),
-        np.concatenate([p[3] for p in parts]),
+    rows = concat([p[2] for p in parts])
+    per_shard = [len(p[1]) - 1 for p in parts]
+    packed = data.Packed(
+        tokens=np.concatenate([p[0] for p in parts]).astype(np.int64),
+        ptr=ptr,
+        rows=rows,
+        row_ptr=rows.ptr,
+        choice=np.concatenate([p[3] for p in parts]).astype(np.int64),
+        shard_of=np.repeat(np.arange(len(parts)), per_shard),
+        first_of_shard=np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64),
     )
     return store, packed
+
+
+def trainer_steps(packed, steps: int, batch_size: int, seed: int):
+    """The trainer's blocks per step (global indices) in its own reader's order."""
+    reader = data.BlockReader(packed, seed, rank=0, world_size=1)
+    out = []
+    for _ in range(steps):
+        blocks = [next(reader) for _ in range(batch_size)]
+        index = []
+        for b in blocks:
+            shard, block = b.where.split("shard-")[1].split(" block ")
+            index.append(int(packed.first_of_shard[int(shard)]) + int(block))
+        out.append((index, blocks))
+    return out
 
 
 def reader(store, **kw):
@@ -73,15 +94,14 @@ def test_same_batches_as_the_trainer(packed_store):
     steps = 2 * packed.blocks // 6 + 1  # across an epoch boundary
     batches = [next(r) for _ in range(2 * steps)]  # 6 blocks per step: micro-batches of 4 and 2
     r.close()
-    for step in range(steps):
-        blocks = train.batch_blocks(step, 6, packed.blocks, 3)
-        for m, part in enumerate((blocks[:4], blocks[4:])):
+    for step, (blocks, objects) in enumerate(trainer_steps(packed, steps, 6, 3)):
+        for m, (part, objs) in enumerate(((blocks[:4], objects[:4]), (blocks[4:], objects[4:]))):
             got = batches[2 * step + m]
             assert (got.step, got.micro, got.last) == (step, m, m == 1)
             assert got.blocks.tolist() == part
             assert got.step_tokens == int(sum(packed.ptr[b + 1] - packed.ptr[b] for b in blocks))
             assert got.choice.tolist() == packed.choice[part].tolist()
-            for a, b in zip(collated(got), train.collate(packed, part, BOS, PAD)):
+            for a, b in zip(collated(got), collated(data.collate(objs, BOS, PAD, VOCAB, 3))):
                 assert a.dtype == b.dtype and torch.equal(a, b)
 
 
@@ -125,7 +145,7 @@ def test_windowed_order_is_a_seeded_permutation():
     assert sorted(a.tolist()) == list(range(sum(lengths)))
     assert np.array_equal(a, epoch_order(lengths, 3, 0, window=2))
     assert not np.array_equal(a, epoch_order(lengths, 3, 1, window=2))
-    assert np.array_equal(epoch_order(lengths, 3, 0, None), train.sample_order(sum(lengths), 3, 0))
+    assert np.array_equal(epoch_order(lengths, 3, 0, None), np.random.default_rng([3, 0]).permutation(sum(lengths)))
     shard = np.repeat(np.arange(5), lengths)[a]  # the shard of each position
     window = np.random.default_rng([3, 0, 1]).permutation(5)[:2]  # the epoch's first window
     assert set(shard[: sum(lengths[s] for s in window)].tolist()) == set(window.tolist())
