@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", help="run store URL, overriding the spec's `store`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. train.lr=1e-4")
     p.add_argument("--stages", help="comma-separated stages to run (default: all)")
+    p.add_argument("--redo", metavar="STAGE", help="delete this stage's outputs and all later ones first, then run")
 
     p = sub.add_parser("stage", help="run one stage part (one shard, or all pending shards) of a run")
     p.add_argument("stage")
@@ -79,7 +80,7 @@ def _run(spec_path: str, store: str | None, overrides: list[str]):
 
 
 def cmd_run(args) -> int:
-    from fusion.launch_local import run_all, summary
+    from fusion.launch_local import redo, run_all, summary
     from fusion.stages import STAGES
 
     run = _run(args.spec, args.store, args.set)
@@ -89,6 +90,10 @@ def cmd_run(args) -> int:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise FusionError(f"--stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
+    if args.redo:
+        if args.redo not in STAGES:
+            raise FusionError(f"--redo: unknown stage {args.redo!r} (known: {', '.join(STAGES)})")
+        redo(run, args.redo)
     run_all(run, stages)
     print(summary(run))
     return 0

@@ -42,6 +42,14 @@ def prepare(run: Run) -> None:
     run.write_record()
 
 
+def redo(run: Run, stage: str) -> None:
+    """Delete the outputs of `stage` and of every later stage (checkpoints included), so they
+    are computed again."""
+    names = list(STAGES)
+    for name in names[names.index(stage) :]:
+        run.store.remove(name)
+
+
 def run_all(run: Run, stages: list[str] | None = None) -> dict[str, float]:
     prepare(run)
     timings = {}

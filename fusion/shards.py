@@ -56,7 +56,8 @@ def read_record(store: Store, stage: str, part: str, index: int, config_hash: st
     if config_hash is not None and record.get("config_hash") != config_hash:
         raise FusionError(
             f"{store.uri(rel)} was written with config hash {record.get('config_hash')}, this run's is "
-            f"{config_hash}: the {stage} settings (or an earlier stage's) changed; use a new store"
+            f"{config_hash}: the {stage} settings (or an earlier stage's) changed; use a new store, or "
+            f"`fusion run SPEC --redo {stage}` to recompute it and what follows"
         )
     return record
 
@@ -199,7 +200,7 @@ def is_part_committed(store: Store, stage: str, part: str, config_hash: str) -> 
     if record.get("config_hash") != config_hash:
         raise FusionError(
             f"{store.uri(part_dir(stage, part))} was committed with config hash {record.get('config_hash')}, "
-            f"this run's is {config_hash}: settings changed; use a new store"
+            f"this run's is {config_hash}: settings changed; use a new store, or `--redo {stage}`"
         )
     return True
 

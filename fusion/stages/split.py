@@ -59,7 +59,7 @@ def plan(run: Run) -> dict:
         if existing["config_hash"] != config_hash:
             raise FusionError(
                 f"{run.store.uri(PLAN)} was made with config hash {existing['config_hash']}, this run's is "
-                f"{config_hash}: corpus or split settings changed; use a new store"
+                f"{config_hash}: corpus or split settings changed; use a new store or --redo split"
             )
         return existing
     spec = run.spec

@@ -165,7 +165,7 @@ def load_checkpoint(run: Run, model, optimizer) -> tuple[int, list[dict]]:
     if latest["config_hash"] != run.hash(NAME, PART):
         raise FusionError(
             f"{run.store.uri(CHECKPOINTS)}/latest.json is a checkpoint of config hash {latest['config_hash']}, "
-            f"this run's is {run.hash(NAME, PART)}: training settings or data changed; use a new store"
+            f"this run's is {run.hash(NAME, PART)}: training settings or data changed; use a new store or --redo train"
         )
     rel = latest["path"]
     model.load_state_dict(load(run.store.read_bytes(f"{rel}/model.safetensors")))

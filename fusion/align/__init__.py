@@ -1,0 +1,19 @@
+"""Token alignment and vocabulary mapping between tokenizers (FuseLLM's steps 2 and 3).
+
+    view = token_view(tokenizer)                       # what each id stands for (tokens.py)
+    table = vocab_map(source_view, target_view, mode)  # source id -> target id (vocab.py)
+    rows = align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr,
+                        source_topk_ids, source_topk_logprobs, source_tail,
+                        target_view, source_view, table, mode)   # SparseRows on target rows
+
+Modes: "default" (default.py: shared text boundaries, bytes, next-token fallback, tail kept),
+"reference-hard" / "reference-soft" (reference.py: the paper's DTW alignment, exactly).
+"""
+
+from .blocks import align_blocks, align_blocks_parallel, coverage
+from .fixture import align_fixture
+from .tokens import TokenView, content_hash, token_view
+from .vocab import MODES, vocab_map
+
+__all__ = ["MODES", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "content_hash",
+           "coverage", "token_view", "vocab_map"]

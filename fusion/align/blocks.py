@@ -1,0 +1,211 @@
+"""Aligning a source model's distributions to the target's tokens, many blocks at a time.
+
+Inputs follow the project's conventions: blocks of text; each side's tokens of every block back
+to back with int64 [blocks+1] offsets (`*_ptr`); the source's rows (fusion/sparse.py: row i is the
+distribution over source token i given BOS and the tokens before it) as dense top-k arrays
+[source rows, k] of natural-log probabilities, plus the mass outside the top-k (`source_tail`).
+The result is a SparseRows on the target's rows, ids in the target vocabulary.
+
+Modes: "default" (default.py), "reference-hard" and "reference-soft" (reference.py, the paper's
+alignment shifted into our row convention). Every mode first checks that both token sequences
+spell the block's text (streams.py) and raises FusionError naming the block otherwise.
+
+The heavy work runs in compiled code that releases the GIL; `align_blocks_parallel` splits the
+blocks over threads.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import FusionError
+from ..sparse import SparseRows, concat
+from .default import CONDITIONED, DUMMY, SHARED, SPECIAL, default_blocks
+from .reference import DISTRIBUTION, EMPTY, ONE_HOT, first_token_match, reference_blocks
+from .streams import block_prefixes, block_starts, place
+from .tokens import TokenView
+from .vocab import MODES, continuation_table, dummy_prefix_table, vocab_map
+
+DTW_WIDTH = 32  # band half-width in tokens around the text alignment (dtw.py widens it when needed)
+
+
+def coverage(rows: SparseRows) -> float:
+    """Share of rows that received a source distribution (default mode; in reference mode a
+    one-hot row also has an entry: use align_blocks' stats there)."""
+    return float(np.mean(rows.counts > 0)) if rows.rows else 1.0
+
+
+def _offsets(ptr, count: int, name: str, blocks: int) -> np.ndarray:
+    ptr = np.asarray(ptr, dtype=np.int64)
+    if ptr.ndim != 1 or len(ptr) != blocks + 1:
+        raise FusionError(f"align_blocks: {name} must have blocks+1 = {blocks + 1} entries, got shape {ptr.shape}")
+    if ptr[0] != 0 or ptr[-1] != count or np.any(np.diff(ptr) < 0):
+        raise FusionError(f"align_blocks: {name} must rise from 0 to {count} (the number of tokens), "
+                          f"got {ptr[0]} .. {ptr[-1]}")
+    return ptr
+
+
+def _tokens(tokens, view: TokenView, side: str) -> np.ndarray:
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim != 1:
+        raise FusionError(f"align_blocks: {side}_tokens must be 1-d, got shape {tokens.shape}")
+    bad = (tokens < 0) | (tokens >= view.size)
+    if bad.any():
+        raise FusionError(f"align_blocks: {side} token id {int(tokens[bad][0])} at position {int(np.argmax(bad))} "
+                          f"is outside the {side} vocabulary {view.name or ''} ({view.size} ids)")
+    return tokens
+
+
+def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str):
+    """Each token's start in its block's text and its length in bytes (FusionError where the
+    tokens do not spell the text)."""
+    prefixes = block_prefixes(view.data, view.ptr, tokens, ptr, text, text_ptr)
+    lengths = view.lengths[tokens].astype(np.int64)
+    for blk in np.flatnonzero(prefixes < 0):
+        a, b = ptr[blk], ptr[blk + 1]
+        what = f"block {blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
+        prefixes[blk], lengths[a:b] = place(view, tokens[a:b], encoded[blk], what)
+    return block_starts(lengths, ptr, prefixes), lengths
+
+
+def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_tokens, t_ptr, soft) -> np.ndarray:
+    """Per block: the paper's position-0 special case for a byte-level source (reference.py)."""
+    lookup = None
+    if soft is not None:
+        spelled = {s.replace(source.marker, target.marker) if source.marker else s: i
+                   for i, s in enumerate(source.strings) if s}
+        def lookup(string):
+            x = spelled.get(string)
+            return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
+    out = np.full(len(t_ptr) - 1, -1, np.int8)
+    for blk in range(len(out)):
+        if t_ptr[blk + 1] > t_ptr[blk] and s_ptr[blk + 1] > s_ptr[blk]:
+            out[blk] = first_token_match(source.strings[s_tokens[s_ptr[blk]]], target.strings[t_tokens[t_ptr[blk]]],
+                                         source.marker, target.marker, source.byte_level, lookup)
+    return out
+
+
+def _sparse(ids, logprobs, counts, tails) -> SparseRows:
+    keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    return SparseRows(counts=counts, ids=ids[keep], logprobs=logprobs[keep], tail=tails)
+
+
+def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
+                 source_tail, target_view: TokenView, source_view: TokenView, mapping=None, mode: str = "default",
+                 stats: dict | None = None) -> SparseRows:
+    """The source's distributions on the target's rows (all blocks back to back), ids in the
+    target vocabulary. `mapping` is vocab_map(source_view, target_view, mode) (computed, and cached,
+    when None). Pass a dict as `stats` to get the rows' coverage (share with a distribution) and
+    how they were filled."""
+    if mode not in MODES:
+        raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
+    texts = list(texts)
+    blocks = len(texts)
+    t_tokens = _tokens(target_tokens, target_view, "target")
+    s_tokens = _tokens(source_tokens, source_view, "source")
+    t_ptr = _offsets(target_ptr, len(t_tokens), "target_ptr", blocks)
+    s_ptr = _offsets(source_ptr, len(s_tokens), "source_ptr", blocks)
+    topk_ids = np.asarray(source_topk_ids)
+    topk_logprobs = np.asarray(source_topk_logprobs, dtype=np.float32)
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != len(s_tokens) or topk_logprobs.shape != topk_ids.shape:
+        raise FusionError(f"align_blocks: source_topk_ids and source_topk_logprobs must both be [source rows = "
+                          f"{len(s_tokens)}, k], got {topk_ids.shape} and {topk_logprobs.shape}")
+    topk_ids = topk_ids.astype(np.int64, copy=False)
+    tail = np.zeros(len(s_tokens), np.float32) if source_tail is None else np.asarray(source_tail, np.float32)
+    if tail.shape != (len(s_tokens),):
+        raise FusionError(f"align_blocks: source_tail must be [source rows = {len(s_tokens)}], got {tail.shape}")
+    if mapping is None:
+        mapping = vocab_map(source_view, target_view, mode)
+    mapping = np.asarray(mapping, dtype=np.int32)
+    if mapping.shape != (source_view.size,):
+        raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}], got {mapping.shape}")
+
+    encoded = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
+    text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    text_ptr = np.zeros(blocks + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in encoded], out=text_ptr[1:])
+    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target")
+    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source")
+
+    if mode == "default":
+        ids, logprobs, counts, tails, how = default_blocks(
+            t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs, tail,
+            source_view.data, source_view.ptr, mapping, continuation_table(source_view, target_view),
+            dummy_prefix_table(source_view, target_view))
+        ways = {"shared": SHARED, "conditioned": CONDITIONED, "dummy": DUMMY, "special": SPECIAL}
+    else:
+        hard = mapping if mode == "reference-hard" else vocab_map(source_view, target_view, "reference-hard")
+        soft = mapping if mode == "reference-soft" else None
+        first = _first_matches(source_view, target_view, s_tokens, s_ptr, t_tokens, t_ptr, soft)
+        ids, logprobs, counts, how = reference_blocks(
+            t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs,
+            *source_view.stripped_codepoints, *target_view.stripped_codepoints, hard,
+            hard if soft is None else soft, hard if soft is None else soft, target_view.canonical, first, DTW_WIDTH)
+        tails = np.zeros(len(counts), np.float32)
+        ways = {"distribution": DISTRIBUTION, "one_hot": ONE_HOT, "empty": EMPTY}
+    rows = _sparse(ids, logprobs, counts, tails)
+    if stats is not None:
+        # a reference one-hot is no source distribution: coverage counts distributions only
+        covered = int(np.sum(counts > 0)) if mode == "default" else int(np.sum(how == DISTRIBUTION))
+        stats.update(rows=rows.rows, covered=covered, coverage=covered / rows.rows if rows.rows else 1.0,
+                     **{name: int(np.sum(how == code)) for name, code in ways.items()})
+    return rows
+
+
+def _warm(source: TokenView, target: TokenView, mapping, mode: str):
+    """Build every table align_blocks needs once, before threads share the views."""
+    if mapping is None:
+        mapping = vocab_map(source, target, mode)
+    if mode == "default":
+        continuation_table(source, target)
+        dummy_prefix_table(source, target)
+    else:
+        vocab_map(source, target, "reference-hard")
+        source.stripped_codepoints, target.stripped_codepoints, target.canonical, target.vocab
+    return mapping
+
+
+def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids,
+                          source_topk_logprobs, source_tail, target_view: TokenView, source_view: TokenView,
+                          mapping=None, mode: str = "default", stats: dict | None = None,
+                          workers: int | None = None) -> SparseRows:
+    """align_blocks over `workers` threads (default: all cores), blocks split into chunks of about
+    equal target tokens; the same result as align_blocks."""
+    workers = workers or os.cpu_count() or 1
+    texts = list(texts)
+    t_ptr = np.asarray(target_ptr, dtype=np.int64)
+    s_ptr = np.asarray(source_ptr, dtype=np.int64)
+    mapping = _warm(source_view, target_view, mapping, mode)
+    chunks = min(len(texts), workers * 4)
+    if workers == 1 or chunks <= 1:
+        return align_blocks(texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs,
+                            source_tail, target_view, source_view, mapping, mode, stats)
+    cuts = np.unique(np.searchsorted(t_ptr, np.linspace(0, t_ptr[-1], chunks + 1), side="left").clip(0, len(texts)))
+    cuts[0], cuts[-1] = 0, len(texts)
+    tail = None if source_tail is None else np.asarray(source_tail)
+
+    def run(part):
+        b0, b1 = part
+        t0, t1, s0, s1 = t_ptr[b0], t_ptr[b1], s_ptr[b0], s_ptr[b1]
+        part_stats = {}
+        rows = align_blocks(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
+                            np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0,
+                            np.asarray(source_topk_ids)[s0:s1], np.asarray(source_topk_logprobs)[s0:s1],
+                            None if tail is None else tail[s0:s1], target_view, source_view, mapping, mode, part_stats)
+        return rows, part_stats
+
+    parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(run, parts))
+    rows = concat([r for r, _ in results]) if results else align_blocks(
+        texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs, source_tail,
+        target_view, source_view, mapping, mode, stats)
+    if stats is not None and results:
+        for key in results[0][1]:
+            if key != "coverage":
+                stats[key] = sum(s[key] for _, s in results)
+        stats["coverage"] = stats["covered"] / stats["rows"] if stats["rows"] else 1.0
+    return rows

@@ -1,0 +1,162 @@
+"""Default alignment: share a source distribution wherever the two contexts end at the same text.
+
+Our row convention (fusion/sparse.py): target row j is the target's distribution over its token
+t_j given the text before t_j. Call c the byte offset in the text where t_j starts, i.e. where
+the context of row j ends. A source row i whose token starts at the same offset c was computed
+from the same text: it predicts the same continuation, only spelled in source tokens. So:
+
+1. Same boundary (c equals a source token's start): take that source row. Every listed source
+   token x stands for some bytes; its probability goes to the target token those bytes begin
+   with (vocab.py default map: exact bytes, else the longest target token that is a prefix).
+   This covers 1:1, n:1 and 1:n segmentations alike.
+2. Boundary inside a source token (the source token s_i starting at c - k, 0 < k < its length,
+   holds c): the source's last distribution before c is row i, and the text has since committed
+   the first k bytes of s_i. Condition row i on them: a listed x whose bytes begin with those k
+   bytes says the text goes on with the rest of x, whose first target token gets x's probability
+   (continuation table); an x that disagrees with them is impossible now and is dropped; an x
+   that ends within them (or at them) says nothing about what follows c, so its mass is unknown.
+   The rest is renormalised by the mass that stays possible (listed agreeing entries, the unknown
+   ones and the source's whole tail, which we cannot split and count as possible: this never
+   sharpens the teacher beyond what its top-k supports).
+3. A target that spells a dummy space in front of the text (SentencePiece) predicts, at its row 0,
+   a space followed by the text; a source without that space predicts the text at its row 0:
+   each x goes to the target token " " + x begins with (dummy-prefix table). The reverse (source
+   with dummy space, target without) is case 2 with k = 1.
+4. Tokens that stand for no text (BOS, EOS, pad) pair with a source token that also stands for no
+   text at the same offset (EOS after the same text on both sides shares the distribution), else
+   their row gets none.
+
+Every row keeps the mass it could not place as `tail`: the source's own tail plus listed ids
+without a target token. Ids that land on the same target token add their probabilities. A row
+with no entries means no distribution: training falls back to the one-hot on the row's real
+token t_j, which is the NEXT token of the context (the paper's fallback was on the current one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NONE, SHARED, CONDITIONED, DUMMY, SPECIAL = 0, 1, 2, 3, 4
+
+
+@njit(cache=True, nogil=True)
+def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation, dummy,
+         ids, logprobs, counts, tails, prob, slot):
+    """Fill target row `row` from source row i; k = bytes of s_i already committed (-1: target
+    dummy space ahead). Returns whether the row got any entry."""
+    committed = s_vptr[s_ids[i]]
+    n = 0
+    possible = 0.0
+    unknown = 0.0
+    for e in range(topk_ids.shape[1]):
+        x = topk_ids[i, e]
+        p = np.exp(np.float64(topk_logprobs[i, e]))
+        if x < 0 or x >= len(direct):
+            y = -1  # an id beyond the tokenizer (a padded logit): its mass is unknown
+        elif k == 0:
+            y = direct[x]
+        elif k < 0:
+            y = dummy[x]
+        else:
+            x0 = s_vptr[x]
+            size = s_vptr[x + 1] - x0
+            if size == 0:
+                continue  # stands for no text: contradicts the committed bytes
+            agrees = True
+            for r in range(min(size, k)):
+                if s_data[x0 + r] != s_data[committed + r]:
+                    agrees = False
+                    break
+            if not agrees:
+                continue
+            y = continuation[x0 + k] if size > k else -1
+        possible += p
+        if y < 0:
+            unknown += p
+            continue
+        found = -1
+        for r in range(n):
+            if slot[r] == y:
+                found = r
+                break
+        if found >= 0:
+            prob[found] += p
+        else:
+            slot[n] = y
+            prob[n] = p
+            n += 1
+    rest = max(np.float64(tail[i]), 0.0)
+    possible += rest
+    unknown += rest
+    if n == 0 or possible <= 0.0:
+        return False
+    for r in range(1, n):  # insertion sort, most probable first
+        p, y = prob[r], slot[r]
+        q = r - 1
+        while q >= 0 and prob[q] < p:
+            prob[q + 1] = prob[q]
+            slot[q + 1] = slot[q]
+            q -= 1
+        prob[q + 1] = p
+        slot[q + 1] = y
+    for r in range(n):
+        ids[row, r] = slot[r]
+        logprobs[row, r] = np.log(prob[r] / possible)
+    counts[row] = n
+    tails[row] = unknown / possible
+    return True
+
+
+@njit(cache=True, nogil=True)
+def default_blocks(t_ids, t_ptr, t_start, t_len, s_ids, s_ptr, s_start, s_len, topk_ids, topk_logprobs, tail,
+                   s_data, s_vptr, direct, continuation, dummy):
+    """Default mode on many blocks (see the module doc). t_start/s_start: each token's start in
+    its block's text (a dummy space at -1), t_len/s_len: its length in bytes.
+    Returns padded [rows, k] ids / log-probs, counts, tails and per row how it was filled."""
+    rows = len(t_ids)
+    k = max(topk_ids.shape[1], 1)
+    ids = np.full((rows, k), -1, np.int32)
+    logprobs = np.zeros((rows, k), np.float32)
+    counts = np.zeros(rows, np.int32)
+    tails = np.ones(rows, np.float32)
+    how = np.zeros(rows, np.int8)
+    prob = np.empty(k, np.float64)
+    slot = np.empty(k, np.int64)
+    for blk in range(len(t_ptr) - 1):
+        s0, s1 = s_ptr[blk], s_ptr[blk + 1]
+        q = s0  # source rows before q start at or before the current offset c
+        last_text = -1  # the last of them that stands for text
+        z = s0  # the next source row that stands for no text and may still be paired
+        for j in range(t_ptr[blk], t_ptr[blk + 1]):
+            c = t_start[j]
+            while q < s1 and s_start[q] <= c:
+                if s_len[q] > 0:
+                    last_text = q
+                q += 1
+            if t_len[j] == 0:
+                while z < s1 and s_start[z] < c:
+                    z += 1
+                i = z
+                while i < s1 and s_start[i] == c and s_len[i] > 0:
+                    i += 1
+                if i < s1 and s_start[i] == c:
+                    z = i + 1
+                    if _row(j, i, 0, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation,
+                            dummy, ids, logprobs, counts, tails, prob, slot):
+                        how[j] = SPECIAL
+                continue
+            if last_text < 0:
+                first = q
+                while first < s1 and s_len[first] == 0:
+                    first += 1
+                if first < s1 and s_start[first] - c == 1:
+                    if _row(j, first, -1, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct,
+                            continuation, dummy, ids, logprobs, counts, tails, prob, slot):
+                        how[j] = DUMMY
+                continue
+            shift = c - s_start[last_text]
+            if _row(j, last_text, shift, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation,
+                    dummy, ids, logprobs, counts, tails, prob, slot):
+                how[j] = SHARED if shift == 0 else CONDITIONED
+    return ids, logprobs, counts, tails, how

@@ -1,0 +1,95 @@
+"""Bad input: a one-line error naming the culprit, a non-zero exit, and nothing committed."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fusion.cli import main
+from fusion.errors import BAD_INPUT_EXIT_CODE
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def committed_files(store):
+    return sorted(p for p in store.rglob("*") if p.is_file()) if store.exists() else []
+
+
+def write(tmp_path, spec):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path):
+    return tmp_path / "store"
+
+
+def expect_error(capsys, spec_path, store, *needles):
+    code, err = run_cli(capsys, "run", str(spec_path), "--store", str(store))
+    assert code == BAD_INPUT_EXIT_CODE
+    assert err.startswith("fusion: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert committed_files(store) == []
+
+
+def test_malformed_yaml(tmp_path, store, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: micro\nmodels: {target: [\n")
+    expect_error(capsys, path, store, "spec.yaml", "malformed YAML")
+
+
+def test_unknown_key(tmp_path, store, micro, capsys):
+    spec = micro.spec(store)
+    spec["train"]["learning_rate"] = 1e-3
+    expect_error(capsys, write(tmp_path, spec), store, "unknown key 'train.learning_rate'")
+
+
+def test_mistyped_value(tmp_path, store, micro, capsys):
+    spec = micro.spec(store)
+    spec["logits"]["top_k"] = "ten"
+    expect_error(capsys, write(tmp_path, spec), store, "key 'logits.top_k'")
+
+
+def test_missing_model_path(tmp_path, store, micro, capsys):
+    spec = micro.spec(store)
+    spec["models"]["sources"][1]["path"] = str(tmp_path / "no-such-model")
+    expect_error(capsys, write(tmp_path, spec), store, "model 'src-neox'", "no-such-model")
+
+
+def test_empty_corpus(tmp_path, store, micro, capsys):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text('{"text": "   "}\n\n')
+    expect_error(capsys, write(tmp_path, micro.spec(store, **{"corpus.path": str(corpus)})), store, "empty corpus")
+
+
+def test_non_utf8_text(tmp_path, store, micro, capsys):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("café au lait\n".encode("latin-1"))
+    expect_error(capsys, write(tmp_path, micro.spec(store, **{"corpus.path": str(corpus)})), store, "latin1.txt", "not UTF-8")
+
+
+def test_tokenizer_larger_than_logits(tmp_path, store, micro, capsys):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(micro.models["src-neox"], mixed)  # 500-token model ...
+    for f in micro.models["target"].glob("tokenizer*"):  # ... with a 600-token tokenizer
+        shutil.copy(f, mixed / f.name)
+    spec = micro.spec(store)
+    spec["models"]["sources"][1]["path"] = str(mixed)
+    expect_error(capsys, write(tmp_path, spec), store, "model 'src-neox'", "logits")
+
+
+def test_real_process_exit_code(tmp_path, store):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: [\n")
+    proc = subprocess.run([sys.executable, "-m", "fusion", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == BAD_INPUT_EXIT_CODE
+    assert proc.stderr.strip().count("\n") == 0 and "malformed YAML" in proc.stderr

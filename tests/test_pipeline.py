@@ -1,0 +1,110 @@
+"""A whole micro run: every stage, a loadable fused model, a report; then kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusion.config import parse_spec
+from fusion.launch_local import run_all
+from fusion.run import Run
+from fusion.status import status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def committed_outputs(store: Path) -> dict[str, bytes]:
+    """Every file of a run's committed outputs (not logs, checkpoints, or run.json, which names the store)."""
+    out = {}
+    for f in sorted(store.rglob("*")):
+        rel = f.relative_to(store).as_posix()
+        if f.is_file() and rel != "run.json" and not rel.startswith(("logs/", "train/checkpoints/")) and ".tmp-" not in rel:
+            out[rel] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(micro, tmp_path_factory):
+    store = tmp_path_factory.mktemp("runs") / "reference"
+    run = Run(parse_spec(micro.spec(store)))
+    timings = run_all(run)
+    return run, store, timings
+
+
+def test_every_stage_completes(finished):
+    run, store, timings = finished
+    assert list(timings) == ["split", "vocab", "logits", "align", "fuse", "train", "eval"]
+    parts = status(str(store))["parts"]
+    assert all(p["complete"] and p["shards"] == p["total"] for p in parts), parts
+    tokens = {p["part"]: p["rows"] for p in parts if p["stage"] == "logits"}
+    assert all(n > 1000 for n in tokens.values())
+
+
+def test_fused_model_loads_and_report_is_complete(finished):
+    from transformers import AutoModelForCausalLM
+
+    run, store, _ = finished
+    model_dir = store / "train/model/shard-00000.files"
+    assert (model_dir / "model.safetensors").exists() and "src-neox" in (model_dir / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.vocab_size == len(run.tokenizers["target"])
+    report = json.loads((store / "eval/report/shard-00000.files/report.json").read_text())
+    names = [r["model"] for r in report["results"]]
+    assert names == ["target (before)", "target (fused)", "src-llama", "src-neox"]
+    assert all(0 < r["bits_per_byte"] < 20 for r in report["results"])
+    assert report["results"][0]["bits_per_byte"] != report["results"][1]["bits_per_byte"]
+    assert set(report["coverage"]) == {"src-llama", "src-neox"}
+    assert (store / "eval/report/shard-00000.files/report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_run_reuses_everything(finished):
+    run, store, _ = finished
+    before = committed_outputs(store)
+    mtimes = {p: p.stat().st_mtime_ns for p in store.rglob("shard-*.json")}
+    run_all(Run(run.spec))
+    assert committed_outputs(store) == before
+    assert mtimes == {p: p.stat().st_mtime_ns for p in store.rglob("shard-*.json")}
+
+
+def test_changed_settings_are_refused(finished, capsys):
+    from fusion.cli import main
+
+    run, store, _ = finished
+    spec_path = store.parent / "changed.yaml"
+    spec = run.spec.model_dump(mode="json", by_alias=True)
+    spec["logits"]["top_k"] = 4
+    spec_path.write_text(json.dumps(spec))
+    assert main(["run", str(spec_path)]) == 3
+    assert "config hash" in capsys.readouterr().err
+
+
+KILL_POINTS = [
+    "logits/src-llama/shard-00000.json",
+    "align/src-neox/shard-00000.json",
+    "train/checkpoints/latest.json",
+    "train/model/_COMMITTED.json",
+]
+
+
+def test_sigkill_at_any_point_then_rerun_is_byte_identical(finished, micro, tmp_path):
+    _, reference, _ = finished
+    store = tmp_path / "killed"
+    spec = micro.write_spec(tmp_path / "spec.yaml", store)
+    cmd = [sys.executable, "-m", "fusion", "run", str(spec)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for marker in KILL_POINTS:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 300
+        while not (store / marker).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before {marker}: {proc.stderr.read().decode()[-2000:]}"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert committed_outputs(store) == committed_outputs(reference)
