@@ -9,10 +9,10 @@ import json
 import pytest
 import yaml
 
-from fusion.config import RunSpec, parse_spec
+from fusion.config import RunSpec, TrainSpec, parse_spec
 from fusion.errors import BAD_INPUT_EXIT_CODE
 from fusion.k8s.values import ChartValues, default_cluster_values, schema_text
-from helmchart import (
+from tests.helmchart import (
     CHART,
     IMAGES,
     JOBS,
@@ -62,11 +62,16 @@ EVERYTHING = {
                 "priorityClassName": "batch-high",
             },
             "align": {"workers": 16},
-            "train": {"workers": 3, "gpus": 8, "nprocPerNode": "8", "elastic": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
             "eval": {"gpus": 0},
         },
     }
 }
+# Training on several nodes needs the DeepSpeed engine (train.engine), which the run spec may not have yet.
+DEEPSPEED = "engine" in TrainSpec.model_fields
+MULTI_NODE = {"cluster": {"workloads": {"train": {"workers": 3, "gpus": 8, "nprocPerNode": "8"}}}}
+ELASTIC = {"cluster": {"workloads": {"train": {"workers": 3, "gpus": 8, "elastic": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}}}}}
+ON_DEEPSPEED = {"train": {"engine": "deepspeed"}}
+needs_deepspeed = pytest.mark.skipif(not DEEPSPEED, reason="the run spec has no train.engine yet (the trainer branch)")
 MANY_SOURCES = {
     "models": {
         "target": {"name": "llama-2-7b", "path": "/models/llama-2-7b"},
@@ -79,8 +84,11 @@ CASES = {
     "tiny-volume": (TINY, IMAGES, STORE_VOLUME),
     "everything": (TINY, IMAGES, ON_S3, EVERYTHING),
     "many-sources": (TINY, IMAGES, S3, ON_S3, MANY_SOURCES),
-    "cpu-only": (TINY, IMAGES, STORE_VOLUME, {"cluster": {"workloads": {"logits": {"gpus": 0}, "train": {"gpus": 0, "workers": 0}, "eval": {"gpus": 0}}}}),
+    "cpu-only": (TINY, IMAGES, STORE_VOLUME, {"cluster": {"workloads": {"logits": {"gpus": 0}, "train": {"gpus": 0}, "eval": {"gpus": 0}}}}),
 }
+if DEEPSPEED:
+    CASES["multi-node"] = (TINY, IMAGES, S3, ON_S3, ON_DEEPSPEED, MULTI_NODE)
+    CASES["elastic"] = (TINY, IMAGES, S3, ON_S3, ON_DEEPSPEED, ELASTIC)
 
 
 @pytest.fixture(scope="module")
@@ -291,28 +299,42 @@ def test_align_workers_are_a_scalable_work_queue(rendered):
     assert "kubectl -n fusion patch job tiny-align-src-llama --type=merge" in rendered["tiny-s3"].notes
 
 
-def test_training_is_a_pytorchjob_running_torchrun_in_every_pod(rendered):
+def _replicas(job):
+    return {name: r["replicas"] for name, r in job["spec"]["pytorchReplicaSpecs"].items()}
+
+
+def test_training_is_a_pytorchjob_whose_pods_start_torchrun(rendered):
     job = rendered["tiny-s3"].workload("tiny-train")
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert set(replicas) == {"Master", "Worker"} and replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
-    assert "elasticPolicy" not in job["spec"]
-    for replica in replicas.values():
+    assert _replicas(job) == {"Master": 1} and "elasticPolicy" not in job["spec"]
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
         assert replica["restartPolicy"] == "ExitCode"
         pod = replica["template"]["spec"]
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"
-        assert container["command"] == ["torchrun"]
-        assert container["args"] == ["--module", "fusion", "stage", "train", "/etc/fusion/run.yaml"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert "command" not in container, "the entrypoint: the fusion CLI, which starts torchrun's agent"
+        assert container["args"] == ["train", "/etc/fusion/run.yaml"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         shm = next(v for v in pod["volumes"] if v["name"] == "shm")
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    elastic = rendered["everything"].workload("tiny-train")["spec"]
-    assert set(elastic["pytorchReplicaSpecs"]) == {"Worker"} and elastic["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
+
+
+def test_training_on_several_processes_needs_deepspeed():
+    error = render_error(TINY, IMAGES, S3, ON_S3, MULTI_NODE)
+    assert "training on 4 node(s) x 8 process(es) needs train.engine=deepspeed" in error
+    assert "needs train.engine=deepspeed" in render_error(TINY, IMAGES, S3, ON_S3, {"cluster": {"workloads": {"train": {"gpus": 2}}}})
+
+
+@needs_deepspeed
+def test_multi_node_training_has_a_master_and_workers(rendered):
+    job = rendered["multi-node"].workload("tiny-train")
+    assert _replicas(job) == {"Master": 1, "Worker": 3} and job["spec"]["nprocPerNode"] == "8"
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    elastic = rendered["elastic"].workload("tiny-train")["spec"]
+    assert _replicas({"spec": elastic}) == {"Worker": 4}
     assert elastic["elasticPolicy"] == {"rdzvBackend": "c10d", "minReplicas": 2, "maxReplicas": 6, "maxRestarts": 3}
-    assert elastic["nprocPerNode"] == "8"
-    assert set(rendered["cpu-only"].workload("tiny-train")["spec"]["pytorchReplicaSpecs"]) == {"Master"}
 
 
 def test_placement_reaches_only_its_stage(rendered):

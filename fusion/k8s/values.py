@@ -148,8 +148,10 @@ class Elastic(Strict):
 
 
 class TrainSettings(Placement):
-    workers: int = Field(1, ge=0, description="PyTorchJob Worker replicas beside the Master (nodes - 1).")
-    gpus: int = Field(8, ge=0, description="GPUs per node.")
+    workers: int = Field(
+        0, ge=0, description="PyTorchJob Worker replicas beside the Master (nodes - 1); more than one process needs train.engine=deepspeed."
+    )
+    gpus: int = Field(1, ge=0, description="GPUs per node.")
     nprocPerNode: str = Field("auto", pattern=r"^(auto|cpu|gpu|[1-9][0-9]*)$", description="torchrun processes per node.")
     shmSize: str = "32Gi"
     backoffLimit: int = Field(3, ge=0)

@@ -109,18 +109,26 @@ spec:
 {{- end }}
 
 {{/*
-Training: a Kubeflow PyTorchJob. Every pod runs torchrun, which takes the node count, its
-rank and the rendezvous from the PET_* variables the training operator sets; the train stage
-initialises DeepSpeed from the torch distributed environment (no ssh, no hostfile).
-Not elastic: a Master and `workers` Workers. Elastic: `workers + 1` Workers that rendezvous
-through c10d, between elastic.minReplicas and elastic.maxReplicas nodes.
+Training: a Kubeflow PyTorchJob. Every pod runs `fusion train SPEC`, which starts torchrun's
+agent from the variables the training operator sets (PET_NNODES, PET_NPROC_PER_NODE,
+MASTER_ADDR, MASTER_PORT); the workers initialise DeepSpeed from the torch distributed
+environment (no ssh, no hostfile) and the pod exits with the first failed worker's code
+(3: bad input; 128+: killed), which restartPolicy ExitCode needs (torchrun alone flattens
+them to 1). Not elastic: a Master and `workers` Workers. Elastic: `workers + 1` Workers that
+rendezvous through c10d, between elastic.minReplicas and elastic.maxReplicas nodes.
+More than one process needs train.engine=deepspeed: refused here rather than after hours.
 */}}
 {{- define "fusion.workload.train" -}}
 {{- $s := .Values.cluster.workloads.train -}}
+{{- $engine := (.Values.train | default dict).engine | default "torch" -}}
+{{- $perNode := ternary $s.gpus 1 (has $s.nprocPerNode (list "auto" "gpu")) -}}
+{{- if regexMatch "^[0-9]+$" $s.nprocPerNode }}{{ $perNode = atoi $s.nprocPerNode }}{{ end -}}
+{{- if and (ne $engine "deepspeed") (or (gt (int $s.workers) 0) $s.elastic.enabled (gt (int $perNode) 1)) -}}
+{{- fail (printf "training on %d node(s) x %d process(es) needs train.engine=deepspeed (train.engine=%s trains in one process)" (add $s.workers 1) (int $perNode) $engine) -}}
+{{- end -}}
 {{- $pod := dict "root" . "stage" "train" "part" "" "settings" $s "image" "gpu" "container" "pytorch" "restartPolicy" ""
     "gpus" $s.gpus "shm" $s.shmSize
-    "command" (list "torchrun")
-    "args" (list "--module" "fusion" "stage" "train" (include "fusion.specPath" .)) -}}
+    "args" (list "train" (include "fusion.specPath" .)) -}}
 apiVersion: kubeflow.org/v1
 kind: PyTorchJob
 metadata:
