@@ -177,3 +177,39 @@ def as_pod_template(template: dict, name: str) -> dict:
 
 def to_json(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+# ---- the restricted Pod Security Standard --------------------------------------------------------
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What breaks the restricted profile of the Pod Security Standards
+    (kubernetes.io/docs/concepts/security/pod-security-standards), plus a read-only root
+    filesystem, which this project asks of every container."""
+    out = []
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            out.append(flag)
+    for volume in pod.get("volumes", []):
+        if set(volume) - {"name"} - RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: {sorted(set(volume) - {'name'})}")
+    pod_sc = pod.get("securityContext") or {}
+    if (pod_sc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        out.append("pod seccompProfile")
+    if pod_sc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation")
+        if (sc.get("capabilities") or {}).get("drop") != ["ALL"] or set((sc.get("capabilities") or {}).get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities")
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")) or sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsNonRoot")
+        if sc.get("privileged") or any("hostPort" in p for p in c.get("ports", [])):
+            out.append(f"{name}: privileged or hostPort")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{name}: readOnlyRootFilesystem")
+    return out

@@ -25,6 +25,7 @@ from tests.helmchart import (
     pod_templates,
     render,
     render_error,
+    restricted_violations,
     validate_kubernetes,
     validate_pytorchjob,
     values_file,
@@ -365,26 +366,12 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
 
 
 def assert_restricted(pod: dict, where: str) -> None:
-    """The restricted profile of the Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards)."""
-    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
-    for flag in ("hostNetwork", "hostPID", "hostIPC"):
-        assert not pod.get(flag), where
-    for volume in pod.get("volumes", []):
-        kinds = set(volume) - {"name"}
-        assert kinds <= allowed_volumes, (where, volume)
-    pod_sc = pod["securityContext"]
-    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0, where
-    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
-    for c in pod["containers"] + pod.get("initContainers", []):
-        sc = c["securityContext"]
-        assert sc["allowPrivilegeEscalation"] is False, where
-        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
-        assert sc["readOnlyRootFilesystem"] is True, where
-        assert not sc.get("privileged") and not any("hostPort" in p for p in c.get("ports", [])), where
+    assert restricted_violations(pod) == [], where
+    for c in pod["containers"]:
         writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
         assert {"/tmp", "/var/cache/fusion"} <= writable, where
-        home = {e["name"]: e.get("value") for e in c["env"]}
-        assert home["HOME"] == "/tmp" and home["NUMBA_CACHE_DIR"].startswith("/var/cache/fusion"), where
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["HOME"] == "/tmp" and env["NUMBA_CACHE_DIR"].startswith("/var/cache/fusion"), where
 
 
 def test_s3_credentials_come_only_from_a_secret_reference(rendered):
