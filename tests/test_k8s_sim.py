@@ -98,7 +98,7 @@ def versions(client, prefix: str) -> dict[str, int]:
 
 async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
     s3_url, client = s3
-    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 64, "train.checkpoint_every": 1000})
+    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 160, "train.checkpoint_every": 1000})
     nodes = 1
     if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
         spec["train"]["engine"] = "deepspeed"
@@ -130,17 +130,18 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             seen: dict[str, float] = {}
 
             async def check_order():
-                """Every workload that exists had its inputs committed (checked the moment it appears)."""
+                """Every workload that exists had its inputs committed (checked the moment it
+                appears: the store is read after the API, so it can only hold more commits than
+                when the workload was created, never fewer)."""
+                existing = [(kind, o["metadata"]["name"]) for kind in ("Job", "PyTorchJob") for o in await cluster.list(kind)]
                 done = committed(client)
-                for kind in ("Job", "PyTorchJob"):
-                    for obj in await cluster.list(kind):
-                        name = obj["metadata"]["name"]
-                        if name in INPUTS and name not in seen:
-                            missing = [i for i in INPUTS[name] if i not in done]
-                            assert not missing, f"{name} was created before {missing} were committed\n{timeline(cluster)}"
-                            assert name == f"{RELEASE}-prepare" or f"{RELEASE}-prepare" in seen
-                            seen[name] = cluster.events[-1][0] if cluster.events else 0.0
-                            cluster.event(f"controller created {kind} {name}")
+                for kind, name in existing:
+                    if name in INPUTS and name not in seen:
+                        missing = [i for i in INPUTS[name] if i not in done]
+                        assert not missing, f"{name} was created before {missing} were committed\n{timeline(cluster)}"
+                        assert name == f"{RELEASE}-prepare" or f"{RELEASE}-prepare" in seen
+                        seen[name] = cluster.events[-1][0] if cluster.events else 0.0
+                        cluster.event(f"controller created {kind} {name}")
                 return done
 
             async def job(name):

@@ -29,6 +29,7 @@ from this spec's is an error, never reused.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,12 +69,13 @@ class Kube:
     def __init__(self, namespace: str):
         from kubernetes import client, config
 
+        settings = client.Configuration()
         try:
-            config.load_incluster_config()  # the pod's service account
-        except config.ConfigException:
-            config.load_kube_config()  # $KUBECONFIG, for running it outside a cluster
+            config.load_incluster_config(client_configuration=settings)  # the pod's service account
+        except config.ConfigException:  # outside a cluster: $KUBECONFIG or ~/.kube/config
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=settings)
         self.namespace = namespace
-        self.api = client.CustomObjectsApi()
+        self.api = client.CustomObjectsApi(client.ApiClient(settings))
         self.ApiException = client.ApiException
 
     def _call(self, kind: str, verb: str, *args, **kwargs):
@@ -205,16 +207,16 @@ class Controller:
         uid = self.owner_reference()["uid"]
         return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 
-    def current(self, w: Workload) -> dict | None:
-        """The workload's object if this controller created it. A leftover of an earlier
-        install (an uninstall that orphaned it) is deleted, and None returned until it is gone."""
+    def current(self, w: Workload) -> tuple[dict | None, bool]:
+        """The workload's object if this controller created it, and whether it may be created
+        now. A leftover of an earlier install (an uninstall that orphaned it) is deleted first."""
         obj = self.kube.get(w.kind, w.name)
         if obj is None or self.mine(obj):
-            return obj
+            return obj, obj is None
         if not obj["metadata"].get("deletionTimestamp"):
             log(f"deleting {w.kind} {w.name}: left over from an earlier install")
             self.kube.delete(w.kind, w.name)
-        return None
+        return None, self.kube.get(w.kind, w.name) is None  # still going away: a later pass creates it
 
     # -- the store --------------------------------------------------------------------------
     def is_committed(self, stage: str, part: str) -> bool:
@@ -265,9 +267,10 @@ class Controller:
 
     def follow(self, w: Workload) -> bool:
         """Create the workload if it does not exist; True once it succeeded."""
-        obj = self.current(w)
+        obj, creatable = self.current(w)
         if obj is None:
-            self.create(w)
+            if creatable:
+                self.create(w)
             return False
         failed = condition(obj, FAILED)
         if failed is not None:
@@ -327,8 +330,6 @@ def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | No
 
 def _pod_namespace() -> str:
     """The namespace the controller runs in (the chart passes POD_NAMESPACE)."""
-    import os
-
     if os.environ.get("POD_NAMESPACE"):
         return os.environ["POD_NAMESPACE"]
     path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
