@@ -251,3 +251,33 @@ async def test_a_cluster_without_the_training_operator_is_explained(setup):
             shards.commit_part(s.run.store, stage, part, s.shards_of(key), s.hashes[key])
     with pytest.raises(FusionError, match="does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training operator v1.9.0"):
         await s.step()
+
+
+async def test_workers_that_finish_with_shards_left_are_started_again(setup):
+    """A worker lost after the others ran out of work leaves its shard behind, and a Job one of
+    whose pods succeeded starts no new pods: the controller starts the workers again."""
+    s = setup
+    await s.step()
+    s.prepare_done()
+    await s.finish("Job", "ctl-prepare")
+    for key in s.hashes:
+        stage, part = key.split("/")
+        if stage in ("split", "vocab", "logits"):
+            s.write_shards(stage, part)
+            shards.commit_part(s.run.store, stage, part, s.shards_of(key), s.hashes[key])
+    await s.step()
+    first = s.objects("Job")["ctl-align-src-llama"]["metadata"]["uid"]
+    s.run.store.write_json(shards.record_path("align", "src-llama", 0), {"config_hash": s.hashes["align/src-llama"], "rows": 1, "stored_bytes": 1})
+    await s.finish("Job", "ctl-align-src-llama")
+    await s.step()
+    assert "ctl-align-src-llama" not in s.objects("Job")
+    await s.step()
+    assert s.objects("Job")["ctl-align-src-llama"]["metadata"]["uid"] != first, "started again"
+    assert not shards.is_part_committed(s.run.store, "align", "src-llama", s.hashes["align/src-llama"])
+    for _ in range(2):  # started again at most 3 times
+        await s.finish("Job", "ctl-align-src-llama")
+        await s.step()
+        await s.step()
+    await s.finish("Job", "ctl-align-src-llama")
+    with pytest.raises(FusionError, match="ctl-align-src-llama: its workers finished 4 times with shards left"):
+        await s.step()

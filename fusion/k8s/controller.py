@@ -53,6 +53,7 @@ RESOURCES = {
     "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
 }
 SUCCEEDED = {"Job": "Complete", "PyTorchJob": "Succeeded"}
+MAX_WORKER_RESTARTS = 3
 FAILED = "Failed"
 
 
@@ -145,6 +146,11 @@ class Workload:
     def indexed(self) -> bool:
         return (self.manifest["metadata"].get("annotations") or {}).get(COMPLETIONS_FROM) == "split-plan"
 
+    @property
+    def work_queue(self) -> bool:
+        """Workers that claim shards by lease: a Job with parallelism but no completions."""
+        return self.kind == "Job" and "completions" not in self.manifest["spec"]
+
 
 def load_workloads(path: Path, run: Run) -> list[Workload]:
     """The workloads of the chart, prepare first; inputs and outputs from the stage code."""
@@ -188,6 +194,7 @@ class Controller:
         self.owner: dict | None = None
         self.outputs: dict[str, dict] | None = None  # from run.json, once prepare is done
         self.committed: set[str] = set()
+        self.restarts: dict[str, int] = {}  # work-queue Jobs started again
 
     # -- ownership: everything the controller creates goes away with its Job ------------------
     def owner_reference(self) -> dict:
@@ -258,7 +265,25 @@ class Controller:
         log(f"created {w.name} ({what}) after {after}")
 
     def commit(self, w: Workload) -> None:
-        """A workload succeeded: commit its parts, which checks every shard's record."""
+        """A workload succeeded: commit its parts, which checks every shard's record.
+
+        Workers exit once no shard is left to claim; if one of them was lost after the others
+        had exited, its shard is still uncommitted when the Job completes (a Job whose pod
+        succeeded starts no new pods). Then the workers are started again, a few times at most."""
+        if w.work_queue:
+            missing = [
+                f"{stage}/{part}/{shards.shard_name(i)}"
+                for stage, part in w.outputs
+                for i in range(self.outputs[f"{stage}/{part}"]["shards"])
+                if shards.read_record(self.store, stage, part, i) is None
+            ]
+            if missing:
+                self.restarts[w.name] = self.restarts.get(w.name, 0) + 1
+                if self.restarts[w.name] > MAX_WORKER_RESTARTS:
+                    raise FusionError(f"{w.name}: its workers finished {MAX_WORKER_RESTARTS + 1} times with shards left: {missing[:3]}")
+                log(f"{w.name} finished with {len(missing)} shard(s) left ({missing[0]}...): starting its workers again")
+                self.kube.delete(w.kind, w.name)
+                return
         for stage, part in w.outputs:
             key = f"{stage}/{part}"
             shards.commit_part(self.store, stage, part, self.outputs[key]["shards"], self.outputs[key]["config_hash"])
