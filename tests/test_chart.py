@@ -296,6 +296,8 @@ def test_align_workers_are_a_scalable_work_queue(rendered):
     assert _containers(rendered["tiny-s3"].workload("tiny-align-src-llama"))[0]["args"] == [
         "worker", "align", "/etc/fusion/run.yaml", "--part", "src-llama"
     ]
+    env = {e["name"]: e.get("value") for e in _containers(rendered["tiny-s3"].workload("tiny-align-src-llama"))[0]["env"]}
+    assert env["FUSION_LEASE_SECONDS"] == "300"
     assert rendered["everything"].workload("tiny-align-src-neox")["spec"]["parallelism"] == 16
     assert "kubectl -n fusion patch job tiny-align-src-llama --type=merge" in rendered["tiny-s3"].notes
 

@@ -113,7 +113,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
                 "workloads": {
                     "split": {"parallelism": 2},
                     "logits": {"gpus": 0, "parallelism": 2},
-                    "align": {"workers": 1},
+                    "align": {"workers": 1, "leaseSeconds": 15},  # a killed worker's shard is taken over soon
                     "fuse": {"parallelism": 2},
                     "train": {"gpus": 0, "workers": nodes - 1},
                     "eval": {"gpus": 0},

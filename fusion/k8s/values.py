@@ -138,6 +138,9 @@ class AlignSettings(Placement):
         "`kubectl patch job RELEASE-align-SOURCE --type=merge -p '{\"spec\":{\"parallelism\":N}}'`.",
     )
     backoffLimit: int = Field(6, ge=0, description="Failed workers tolerated (scale-downs and evictions do not count).")
+    leaseSeconds: int = Field(
+        300, ge=10, description="A lost worker's shard is taken over after this long (FUSION_LEASE_SECONDS); leases are renewed while a shard runs."
+    )
 
 
 class Elastic(Strict):

@@ -111,6 +111,7 @@ The pod template spec of a stage. Args:
   args       list
   gpus       GPUs per pod (0: none)
   shm        size of the memory-backed /dev/shm ("": none)
+  env        optional list: the stage's own variables
   restartPolicy  "Never" for Jobs; "" to leave it to the training operator
   serviceAccountName  optional (default: the stage pods' service account)
 */}}
@@ -211,6 +212,9 @@ spec:
         {{- with $c.s3.region }}
         - name: AWS_DEFAULT_REGION
           value: {{ . | quote }}
+        {{- end }}
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
         {{- with $c.env }}
         {{- toYaml . | nindent 8 }}

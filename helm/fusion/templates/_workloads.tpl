@@ -92,6 +92,7 @@ spec:
 {{- define "fusion.workload.align" -}}
 {{- $s := .root.Values.cluster.workloads.align -}}
 {{ include "fusion.job" (dict "root" .root "stage" "align" "part" .part "suffix" (printf "align-%s" .part) "settings" $s "image" "cpu" "mode" "workers"
+    "env" (list (dict "name" "FUSION_LEASE_SECONDS" "value" ($s.leaseSeconds | toString)))
     "args" (list "worker" "align" (include "fusion.specPath" .root) "--part" .part)) }}
 {{- end }}
 
