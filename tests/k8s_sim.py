@@ -113,7 +113,7 @@ class Cluster:
         self.session: aiohttp.ClientSession | None = None
         self.processes: dict[str, Process] = {}  # pod uid -> its container
         self.jobs: dict[str, JobState] = {}  # job uid -> state
-        self.restarts: dict[str, int] = {}
+        self.ports: dict[str, int] = {}  # PyTorchJob uid -> its rendezvous port
         self.events: list[tuple[float, str]] = []  # the timeline
         self.started = time.monotonic()
         root.mkdir(parents=True, exist_ok=True)
@@ -173,8 +173,6 @@ class Cluster:
     async def delete(self, kind: str, name: str) -> None:
         await self._json("DELETE", self.path(kind, name))
 
-    async def owned(self, kind: str, owner_uid: str) -> list[dict]:
-        return [o for o in await self.list(kind) if any(r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or [])]
 
     # ---- `helm install`, `kubectl` --------------------------------------------------------------
     async def apply(self, objects: list[dict]) -> None:
@@ -189,22 +187,20 @@ class Cluster:
 
     # ---- one pass of every controller -------------------------------------------------------------
     async def tick(self) -> None:
-        await self.collect_garbage()
-        jobs = await self.list("Job")
-        for job in jobs:
-            await self.sync_job(job)
-        await self.release_orphans({j["metadata"]["uid"] for j in jobs})
-        for job in await self.list("PyTorchJob"):
-            await self.sync_pytorchjob(job)
-        await self.kubelet()
+        """Every controller once, on one snapshot of the cluster (what they change shows next time)."""
+        snapshot = {kind: await self.list(kind) for kind in PLURALS}
+        await self.collect_garbage(snapshot)
+        pods = snapshot["Pod"]
+        for job in snapshot["Job"]:
+            await self.sync_job(job, pods)
+        await self.release_orphans(pods, {j["metadata"]["uid"] for j in snapshot["Job"]})
+        for job in snapshot["PyTorchJob"]:
+            await self.sync_pytorchjob(job, pods)
+        await self.kubelet(pods)
 
-    async def collect_garbage(self) -> None:
-        alive = set()
-        objects = []
-        for kind in PLURALS:
-            for obj in await self.list(kind):
-                alive.add(obj["metadata"]["uid"])
-                objects.append(obj)
+    async def collect_garbage(self, snapshot: dict[str, list[dict]]) -> None:
+        objects = [obj for objs in snapshot.values() for obj in objs]
+        alive = {obj["metadata"]["uid"] for obj in objects}
         for obj in objects:
             owners = [r["uid"] for r in obj["metadata"].get("ownerReferences") or []]
             if owners and not any(uid in alive for uid in owners) and not obj["metadata"].get("deletionTimestamp"):
@@ -212,17 +208,17 @@ class Cluster:
                 await self.delete(obj["kind"], obj["metadata"]["name"])
 
     # ---- the Job controller -------------------------------------------------------------------------
-    async def release_orphans(self, job_uids: set[str]) -> None:
+    async def release_orphans(self, pods: list[dict], job_uids: set[str]) -> None:
         """Pods whose Job is gone lose the tracking finalizer, so that they can be deleted."""
-        for pod in await self.list("Pod"):
+        for pod in pods:
             owners = {r["uid"] for r in pod["metadata"].get("ownerReferences") or [] if r["kind"] == "Job"}
             if owners and not owners & job_uids and TRACKING in (pod["metadata"].get("finalizers") or []):
                 await self.patch("Pod", pod["metadata"]["name"], {"metadata": {"finalizers": []}})
 
-    async def sync_job(self, job: dict) -> None:
+    async def sync_job(self, job: dict, all_pods: list[dict]) -> None:
         meta, spec = job["metadata"], job["spec"]
         state = self.jobs.setdefault(meta["uid"], JobState())
-        pods = await self.owned("Pod", meta["uid"])
+        pods = owned(all_pods, meta["uid"])
         indexed = spec.get("completionMode") == "Indexed"
         for pod in pods:
             if pod["status"].get("phase") in ("Succeeded", "Failed") and TRACKING in (pod["metadata"].get("finalizers") or []):
@@ -332,37 +328,32 @@ class Cluster:
         await self.create(pod)
 
     # ---- the training operator --------------------------------------------------------------------
-    async def sync_pytorchjob(self, job: dict) -> None:
+    async def sync_pytorchjob(self, job: dict, all_pods: list[dict]) -> None:
+        """Pods named <job>-<master|worker>-<i>; restartPolicy ExitCode: 1-127 fail the job,
+        128+ (killed) restart the pod; done when the Master (else every Worker) exits 0."""
         meta, spec = job["metadata"], job["spec"]
-        if any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or []):
+        if any(c.get("status") == "True" and c.get("type") in ("Succeeded", "Failed") for c in (job.get("status") or {}).get("conditions") or []):
             return
-        pods = {p["metadata"]["name"]: p for p in await self.owned("Pod", meta["uid"])}
+        pods = {p["metadata"]["name"]: p for p in owned(all_pods, meta["uid"])}
         replicas = [(rtype, i) for rtype in ("Master", "Worker") for i in range(spec["pytorchReplicaSpecs"].get(rtype, {}).get("replicas", 0))]
-        port_key = f"{meta['uid']}/port"
-        if port_key not in self.restarts:
-            self.restarts[port_key] = free_port()
-        condition = None
+        port = self.ports.setdefault(meta["uid"], free_port())
+        codes = {}
         for rank, (rtype, i) in enumerate(replicas):
             name = f"{meta['name']}-{rtype.lower()}-{i}"
-            pod = pods.get(name)
-            if pod is None:
-                await self._create_replica(job, rtype, i, rank, len(replicas), self.restarts[port_key])
-                continue
-            code = exit_code(pod) if pod["status"].get("phase") in ("Succeeded", "Failed") else None
-            if code is None:
-                continue
-            if code == 0 and rtype == "Master":
-                condition = {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}
-            elif code == 0 and "Master" not in spec["pytorchReplicaSpecs"] and all(
-                exit_code(p) == 0 for p in pods.values() if p["status"].get("phase") in ("Succeeded", "Failed")
-            ) and len(pods) == len(replicas):
-                condition = {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}
-            elif code != 0 and code < 128:
+            if name not in pods:
+                await self._create_replica(job, rtype, i, rank, len(replicas), port)
+            elif pods[name]["status"].get("phase") in ("Succeeded", "Failed"):
+                codes[name] = exit_code(pods[name])
+        condition = None
+        for name, code in codes.items():
+            if 0 < code < 128:
                 condition = {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": f"{name} exited {code}"}
-            elif code >= 128:  # restartPolicy ExitCode: killed or preempted, start it again
+            elif code >= 128:
                 self.event(f"PyTorchJob {meta['name']}: {name} exited {code}, restarting it")
-                await self.patch("Pod", name, {"metadata": {"finalizers": []}})
                 await self.delete("Pod", name)
+        master = f"{meta['name']}-master-0"
+        if condition is None and (codes.get(master) == 0 or (master not in pods and len(codes) == len(replicas) and not any(codes.values()))):
+            condition = {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"}
         if condition is not None:
             self.event(f"PyTorchJob {meta['name']}: {condition['type']}")
             await self.patch("PyTorchJob", meta["name"], {"status": {"conditions": [condition]}})
@@ -405,8 +396,7 @@ class Cluster:
         )
 
     # ---- the kubelet ------------------------------------------------------------------------------
-    async def kubelet(self) -> None:
-        pods = await self.list("Pod")
+    async def kubelet(self, pods: list[dict]) -> None:
         seen = set()
         for pod in pods:
             uid, name = pod["metadata"]["uid"], pod["metadata"]["name"]
@@ -526,6 +516,10 @@ def remap(value: str, mounts: dict[str, str]) -> str:
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
             return mounts[mount] + value[len(mount.rstrip("/")) :]
     return value
+
+
+def owned(objects: list[dict], owner_uid: str) -> list[dict]:
+    return [o for o in objects if any(r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or [])]
 
 
 def exit_code(pod: dict) -> int | None:
