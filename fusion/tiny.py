@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fusion.errors import FusionError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SPECIAL_SP = ["<unk>", "<s>", "</s>"]
 SPECIAL_BYTE_LEVEL = ["<|endoftext|>"]
 
@@ -121,7 +121,6 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if kind == "sentencepiece":
-        byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
@@ -129,9 +128,10 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int):
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_SP + byte_pieces, limit_alphabet=200, show_progress=False
+            vocab_size=vocab_size - 256, special_tokens=SPECIAL_SP, limit_alphabet=200, show_progress=False
         )
         tok.train_from_iterator(texts, trainer)
+        tok = _with_byte_pieces(tok)
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if kind == "byte-level":
         tok = Tokenizer(models.BPE())
@@ -149,6 +149,24 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int):
             tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
         )
     raise ValueError(f"unknown tokenizer kind {kind}")
+
+
+def _with_byte_pieces(tok):
+    """Put the 256 byte-fallback pieces <0x00>..<0xFF> into the vocabulary right after the
+    special tokens, as SentencePiece models do (ordinary tokens, not special added tokens)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    specials = sorted((i, t) for t, i in vocab.items() if t in SPECIAL_SP)
+    learned = sorted((i, t) for t, i in vocab.items() if t not in SPECIAL_SP)
+    order = [t for _, t in specials] + [f"<0x{b:02X}>" for b in range(256)] + [t for _, t in learned]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in data["added_tokens"]:
+        added["id"] = data["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 # ---- models -----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def heldout_blocks(run: Run) -> tuple[list[str], np.ndarray, list[str]]:
     return texts, domains, domain_names
 
 
-def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], domains: np.ndarray, names: list[str], label: str) -> dict:
+def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], domains: np.ndarray, names: list[str], label: str, where: str | None = None) -> dict:
     device = models.pick_device(run.spec.logits.device)
     tokenizer = run.tokenizers[spec.name]
     model = models.load_model(spec, device, path=folder)
@@ -83,7 +83,7 @@ def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], doma
         sel = domains == d
         if sel.any():
             per_domain[name] = nll[sel].sum() / math.log(2) / nbytes[sel].sum()
-    return {"model": label, "path": str(folder or spec.path), "bits_per_byte": nll.sum() / math.log(2) / nbytes.sum(), "domains": per_domain}
+    return {"model": label, "path": where or spec.path, "bits_per_byte": nll.sum() / math.log(2) / nbytes.sum(), "domains": per_domain}
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
@@ -93,7 +93,8 @@ def run_shard(run: Run, part: str, index: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fused = train.model_folder(run, Path(tmp) / "model")
         results = [score(run, run.target, None, texts, domains, names, f"{run.target.name} (before)")]
-        results.append(score(run, run.target, fused, texts, domains, names, f"{run.target.name} (fused)"))
+        where = shards.files_path(train.NAME, train.PART, 0)  # relative to the run store
+        results.append(score(run, run.target, fused, texts, domains, names, f"{run.target.name} (fused)", where))
         results += [score(run, s, None, texts, domains, names, s.name) for s in run.sources]
         log = json.loads((fused / "train_log.json").read_text())
         report = {

@@ -89,6 +89,18 @@ def forward_topk(model, batch_ids: list[list[int]], bos: int, top_k: int, device
     return out
 
 
+_loaded: dict = {}
+
+
+def loaded_model(spec, device: str):
+    """The model, loaded once per process for all the shards it computes (one model at a time)."""
+    key = (spec.model_dump_json(), device)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = models.load_model(spec, device)
+    return _loaded[key]
+
+
 def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.model(part)
     tokenizer = run.tokenizers[part]
@@ -98,7 +110,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         if len(ids) > run.spec.split.block_tokens:
             raise FusionError(f"model '{part}': block {i} of split shard {index} has {len(ids)} tokens > split.block_tokens")
     device = models.pick_device(run.spec.logits.device)
-    model = models.load_model(spec, device)
+    model = loaded_model(spec, device)
     bos = models.context_token_id(spec, tokenizer)
     k = run.spec.logits.top_k
     results: list = [None] * len(texts)

@@ -141,13 +141,10 @@ def total_steps(blocks: int, spec) -> int:
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(run: Run, step: int, model, optimizer, log: list[dict]) -> None:
     import torch
-    from safetensors.torch import save
 
     rel = f"{CHECKPOINTS}/step-{step:07d}"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    run.store.write_bytes(f"{rel}/model.safetensors", save(state))
     buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, buf)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, buf)
     run.store.write_bytes(f"{rel}/state.pt", buf.getvalue())
     run.store.write_json(f"{rel}/log.json", log)
     # written last: a checkpoint exists only once `latest.json` names it
@@ -157,7 +154,6 @@ def save_checkpoint(run: Run, step: int, model, optimizer, log: list[dict]) -> N
 def load_checkpoint(run: Run, model, optimizer) -> tuple[int, list[dict]]:
     """Restore the newest checkpoint; returns (next step, log). (0, []) when there is none."""
     import torch
-    from safetensors.torch import load
 
     latest = run.store.read_json(f"{CHECKPOINTS}/latest.json")
     if latest is None:
@@ -168,8 +164,8 @@ def load_checkpoint(run: Run, model, optimizer) -> tuple[int, list[dict]]:
             f"this run's is {run.hash(NAME, PART)}: training settings or data changed; use a new store or --redo train"
         )
     rel = latest["path"]
-    model.load_state_dict(load(run.store.read_bytes(f"{rel}/model.safetensors")))
     state = torch.load(io.BytesIO(run.store.read_bytes(f"{rel}/state.pt")), weights_only=False)
+    model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return latest["step"], run.store.read_json(f"{rel}/log.json")
@@ -216,7 +212,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
             share = float((labels != -100).sum()) / real  # token-weighted mean over the whole batch
             (out["loss"] * share).backward()
             for key in sums:
-                sums[key] += float(out[key]) * share
+                sums[key] += float(out[key].detach()) * share
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -233,7 +229,7 @@ def export(run: Run, model, tokenizer, log: list[dict]) -> None:
         model.eval()
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "train_log.json").write_text(json.dumps(log, indent=0) + "\n")
+        (out / "train_log.json").write_text(json.dumps(log, indent=0, sort_keys=True) + "\n")
         (out / "README.md").write_text(model_card(run, log))
         shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART), attrs={"steps": len(log)})
 
