@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
+import re
 
 import kmock
 import pytest
@@ -19,7 +19,7 @@ import pytest
 from fusion.cli import main as fusion_cli
 from fusion.config import TrainSpec
 from tests.helmchart import IMAGES, merge_values, render
-from tests.k8s_sim import ApiServer, Cluster, secret, timeline, until
+from tests.k8s_sim import ApiServer, Cluster, s3_server, secret, timeline, until
 
 RELEASE = "micro"
 NAMESPACE = "fusion"
@@ -66,20 +66,9 @@ INPUTS = {
 
 @pytest.fixture
 def s3():
-    """moto's S3 server on 127.0.0.1, a versioned bucket (to count how often each object was written)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
-    client.create_bucket(Bucket=BUCKET)
-    client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    yield url, client
-    server.stop()
+    """moto's S3 server, a versioned bucket (to count how often each object was written)."""
+    with s3_server(BUCKET, versioned=True) as server:
+        yield server
 
 
 def committed(client, prefix: str = "micro/") -> set[str]:
@@ -194,8 +183,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             assert set(seen) == set(INPUTS)
             run_json = json.loads(client.get_object(Bucket=BUCKET, Key="micro/run.json")["Body"].read())
             shards = run_json["outputs"]["align/src-llama"]["shards"]
-            records = versions(client, "micro/align/src-llama/shard-")
-            records = {k: n for k, n in records.items() if k.endswith(".json")}
+            records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/shard-\d{5}\.json$", k)}
             assert len(records) == shards and set(records.values()) == {1}, f"align records written more than once: {records}"
             assert not [k for k in versions(client, "micro/align/") if "/_leases/" in k and _exists(client, k)], "a lease was left behind"
 

@@ -25,7 +25,9 @@ def main(spec_path: str) -> int:
         if store.read_json(probe) != token:
             raise FusionError(f"{store.uri(probe)}: read back something else than was written")
         store.remove(probe)
-    except (OSError, ValueError) as e:  # PermissionError, connection errors, bad bucket names
+    except FusionError:
+        raise
+    except Exception as e:  # no such bucket, access denied, endpoint unreachable: botocore and OS errors alike
         raise FusionError(f"store {store.url} is not usable from this pod: {type(e).__name__}: {e}") from None
     print(f"run spec {spec_path}: valid (run '{spec.name}', {len(spec.models.sources)} source(s))")
     print(f"store {store.url}: reachable and writable")
