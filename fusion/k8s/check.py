@@ -11,13 +11,12 @@ import uuid
 
 from fusion.config import load_spec
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD
-from fusion.store import Store
+from fusion.run import RUN_RECORD, Run
 
 
 def main(spec_path: str) -> int:
     spec = load_spec(spec_path)
-    store = Store(spec.store)
+    store = Run(spec).store  # the spec's store, reached as every stage reaches it
     probe = f"logs/probe-{uuid.uuid4().hex}.json"
     token = {"probe": probe}
     try:
