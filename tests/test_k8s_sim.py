@@ -183,7 +183,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             assert set(seen) == set(INPUTS)
             run_json = json.loads(client.get_object(Bucket=BUCKET, Key="micro/run.json")["Body"].read())
             shards = run_json["outputs"]["align/src-llama"]["shards"]
-            records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/shard-\d{5}\.json$", k)}
+            records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/src-llama/shard-\d{5}\.json$", k)}
             assert len(records) == shards and set(records.values()) == {1}, f"align records written more than once: {records}"
             assert not [k for k in versions(client, "micro/align/") if "/_leases/" in k and _exists(client, k)], "a lease was left behind"
 
