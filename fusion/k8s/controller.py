@@ -299,9 +299,10 @@ class Controller:
             return False
         failed = condition(obj, FAILED)
         if failed is not None:
+            pods = f"training.kubeflow.org/job-name={w.name}" if w.kind == "PyTorchJob" else f"job-name={w.name}"
             raise FusionError(
                 f"{w.kind} {w.name} failed ({failed.get('reason')}: {failed.get('message')}); see "
-                f"`kubectl logs -l job-name={w.name}`, fix the cause, then install the run again to resume"
+                f"`kubectl logs -l {pods}`, fix the cause, then install the run again to resume"
             )
         return condition(obj, SUCCEEDED[w.kind]) is not None
 
