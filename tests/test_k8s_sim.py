@@ -173,7 +173,6 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             assert final["status"]["conditions"][0]["type"] == "Complete", (
                 cluster.logs(controller) + cluster.logs(f"{RELEASE}-") + "\n" + timeline(cluster)
             )
-            print("\n" + timeline(cluster))
 
             # The whole run, each shard once.
             assert committed(client) == {
@@ -207,6 +206,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             after = versions(client, "micro/")
             rewritten = {k for k in after if after[k] != before.get(k) and not k.endswith(("run.json",)) and "/logs/" not in k}
             assert not rewritten, f"a resumed install rewrote {sorted(rewritten)[:5]}"
+            print("\n" + timeline(cluster))  # pytest -s shows the run as it went
 
 
 async def _at_least(pods_coro, n):
