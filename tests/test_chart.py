@@ -141,6 +141,10 @@ def test_install_without_digests_says_how_to_get_them():
 def test_a_local_store_needs_a_volume():
     error = render_error(TINY, IMAGES)
     assert "store \"runs/tiny\" is not reachable from the pods" in error and "storeVolume" in error
+    for store in ("/data/runs/tiny", "file:///data/runs/tiny", "memory://tiny"):
+        assert "a path under /var/lib/fusion/" in render_error(TINY, IMAGES, STORE_VOLUME, {"store": store})
+    for store in ("runs/tiny", "/var/lib/fusion/runs/tiny", "file:///var/lib/fusion/runs/tiny"):
+        assert render(TINY, IMAGES, STORE_VOLUME, {"store": store}).run_spec["store"] == store
 
 
 def test_names_stay_short_and_start_with_a_letter():

@@ -82,11 +82,14 @@ kueue.x-k8s.io/priority-class: {{ . }}
 {{/* The store must be reachable from every pod: s3://, or a path on the store volume. */}}
 {{- define "fusion.checkStore" -}}
 {{- $store := .Values.store -}}
-{{- if not (or (hasPrefix "s3://" $store) .Values.cluster.storeVolume.claimName) -}}
+{{- $path := trimPrefix "file://" $store -}}
+{{- if not (hasPrefix "s3://" $store) -}}
+{{- if not .Values.cluster.storeVolume.claimName -}}
 {{- fail (printf "store %q is not reachable from the pods: use --set store=s3://BUCKET/PREFIX, or a ReadWriteMany volume with --set cluster.storeVolume.claimName=PVC" $store) -}}
 {{- end -}}
-{{- if and (hasPrefix "file://" $store) .Values.cluster.storeVolume.claimName (not (hasPrefix "file:///var/lib/fusion/" $store)) -}}
-{{- fail (printf "store %q: with cluster.storeVolume the store is a relative path, or a path under /var/lib/fusion/" $store) -}}
+{{- if or (contains "://" $path) (and (hasPrefix "/" $path) (not (hasPrefix "/var/lib/fusion/" $path))) -}}
+{{- fail (printf "store %q: with cluster.storeVolume the store is a relative path, or a path under /var/lib/fusion/ (where the volume is mounted)" $store) -}}
+{{- end -}}
 {{- end -}}
 {{- if not (regexMatch "^[a-z]" .Release.Name) -}}
 {{- fail (printf "release name %q must start with a letter (the training operator names Services after it)" .Release.Name) -}}
