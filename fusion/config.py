@@ -83,7 +83,7 @@ class AlignSpec(Strict):
         description="default: byte-exact alignment that fixes the original's defects; "
         "reference-hard / reference-soft: the FuseLLM paper code, exactly.",
     )
-    workers: int | None = Field(None, ge=1, description="Processes per align task; default all cores.")
+    workers: int | None = Field(None, ge=1, description="Threads per align task; default all cores.")
 
 
 class FuseSpec(Strict):

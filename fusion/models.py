@@ -47,6 +47,15 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+def encode(tokenizer, texts: list[str], offsets: bool = False):
+    """Token ids of texts as plain text: no BOS/EOS added, and a literal "<s>" in the text is
+    text, not the special token."""
+    if not texts:
+        return {"input_ids": [], "offset_mapping": []} if offsets else []
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets)
+    return enc if offsets else enc["input_ids"]
+
+
 def context_token_id(spec: ModelSpec, tokenizer) -> int:
     """The token every block starts from: BOS, or EOS for models trained without a BOS."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):

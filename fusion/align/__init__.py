@@ -8,12 +8,23 @@
 
 Modes: "default" (default.py: shared text boundaries, bytes, next-token fallback, tail kept),
 "reference-hard" / "reference-soft" (reference.py: the paper's DTW alignment, exactly).
+
+Modules, in reading order: tokens.py (views), streams.py (where tokens sit in the text), vocab.py
+(maps, on-disk cache), dtw.py (the paper's DTW, banded and certified), reference.py, default.py,
+blocks.py (align_blocks, align_blocks_parallel), fixture.py (the alignment-fixture runner).
 """
 
 from .blocks import align_blocks, align_blocks_parallel, coverage
-from .fixture import align_fixture
 from .tokens import TokenView, content_hash, token_view
 from .vocab import MODES, vocab_map
+
+
+def align_fixture(fixture_dir, mode: str, out_path) -> dict:
+    """See fusion/align/fixture.py (imported on use, so that `python -m fusion.align.fixture` runs cleanly)."""
+    from .fixture import align_fixture as run
+
+    return run(fixture_dir, mode, out_path)
+
 
 __all__ = ["MODES", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "content_hash",
            "coverage", "token_view", "vocab_map"]

@@ -8,7 +8,14 @@ The result is a SparseRows on the target's rows, ids in the target vocabulary.
 
 Modes: "default" (default.py), "reference-hard" and "reference-soft" (reference.py, the paper's
 alignment shifted into our row convention). Every mode first checks that both token sequences
-spell the block's text (streams.py) and raises FusionError naming the block otherwise.
+spell the block's text (streams.py) and raises FusionError naming the block otherwise. No
+tokenizer offsets are needed: where each token sits in the text follows from its bytes.
+
+Output rows: ids in the target vocabulary, log-probabilities (default: most probable first;
+reference: in the source's top-k order), tail = mass not listed. A row without entries means
+"no distribution" (tail 1); training falls back to the one-hot on the row's own token. Top-k ids
+below 0 are padding and ignored; ids beyond the source vocabulary (padded logits) count as mass
+that cannot be placed.
 
 The heavy work runs in compiled code that releases the GIL; `align_blocks_parallel` splits the
 blocks over threads.
@@ -20,6 +27,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
 from ..errors import FusionError
 from ..sparse import SparseRows, concat
@@ -59,38 +67,57 @@ def _tokens(tokens, view: TokenView, side: str) -> np.ndarray:
     return tokens
 
 
-def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str):
+def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str, first_block: int):
     """Each token's start in its block's text and its length in bytes (FusionError where the
     tokens do not spell the text)."""
     prefixes = block_prefixes(view.data, view.ptr, tokens, ptr, text, text_ptr)
     lengths = view.lengths[tokens].astype(np.int64)
     for blk in np.flatnonzero(prefixes < 0):
         a, b = ptr[blk], ptr[blk + 1]
-        what = f"block {blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
+        what = f"block {first_block + blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
         prefixes[blk], lengths[a:b] = place(view, tokens[a:b], encoded[blk], what)
     return block_starts(lengths, ptr, prefixes), lengths
 
 
+_spellings: dict[tuple[str, str], dict[str, int]] = {}
+
+
 def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_tokens, t_ptr, soft) -> np.ndarray:
     """Per block: the paper's position-0 special case for a byte-level source (reference.py)."""
-    lookup = None
-    if soft is not None:
-        spelled = {s.replace(source.marker, target.marker) if source.marker else s: i
-                   for i, s in enumerate(source.strings) if s}
-        def lookup(string):
-            x = spelled.get(string)
-            return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
+    def lookup(string):  # the soft map's target string for the source token spelled `string`
+        key = (source.hash, target.hash)
+        if key not in _spellings:
+            _spellings[key] = {s.replace(source.marker, target.marker) if source.marker else s: i
+                               for i, s in enumerate(source.strings) if s}
+        x = _spellings[key].get(string)
+        return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
+
     out = np.full(len(t_ptr) - 1, -1, np.int8)
     for blk in range(len(out)):
         if t_ptr[blk + 1] > t_ptr[blk] and s_ptr[blk + 1] > s_ptr[blk]:
             out[blk] = first_token_match(source.strings[s_tokens[s_ptr[blk]]], target.strings[t_tokens[t_ptr[blk]]],
-                                         source.marker, target.marker, source.byte_level, lookup)
+                                         source.marker, target.marker, source.byte_level,
+                                         None if soft is None else lookup)
     return out
 
 
+@njit(cache=True, nogil=True)
+def _compact(ids, logprobs, counts):
+    """Padded [rows, k] entries back to back (what SparseRows holds)."""
+    out_ids = np.empty(counts.sum(), np.int32)
+    out_logprobs = np.empty(counts.sum(), np.float32)
+    n = 0
+    for r in range(len(counts)):
+        for e in range(counts[r]):
+            out_ids[n] = ids[r, e]
+            out_logprobs[n] = logprobs[r, e]
+            n += 1
+    return out_ids, out_logprobs
+
+
 def _sparse(ids, logprobs, counts, tails) -> SparseRows:
-    keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
-    return SparseRows(counts=counts, ids=ids[keep], logprobs=logprobs[keep], tail=tails)
+    flat_ids, flat_logprobs = _compact(ids, logprobs, counts)
+    return SparseRows(counts=counts, ids=flat_ids, logprobs=flat_logprobs, tail=tails)
 
 
 def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
@@ -100,6 +127,13 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
     target vocabulary. `mapping` is vocab_map(source_view, target_view, mode) (computed, and cached,
     when None). Pass a dict as `stats` to get the rows' coverage (share with a distribution) and
     how they were filled."""
+    return _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
+                  source_tail, target_view, source_view, mapping, mode, stats, first_block=0)
+
+
+def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
+           source_tail, target_view, source_view, mapping, mode, stats, first_block):
+    """align_blocks on blocks numbered from `first_block` on (in error messages)."""
     if mode not in MODES:
         raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
     texts = list(texts)
@@ -120,15 +154,16 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
     if mapping is None:
         mapping = vocab_map(source_view, target_view, mode)
     mapping = np.asarray(mapping, dtype=np.int32)
-    if mapping.shape != (source_view.size,):
-        raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}], got {mapping.shape}")
+    if mapping.shape != (source_view.size,) or (len(mapping) and mapping.max() >= target_view.size):
+        raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}] of target ids "
+                          f"below {target_view.size}, got shape {mapping.shape} (a table for other tokenizers?)")
 
     encoded = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
     text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     text_ptr = np.zeros(blocks + 1, dtype=np.int64)
     np.cumsum([len(t) for t in encoded], out=text_ptr[1:])
-    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target")
-    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source")
+    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
+    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
     if mode == "default":
         ids, logprobs, counts, tails, how = default_blocks(
@@ -144,7 +179,7 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
             t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs,
             *source_view.stripped_codepoints, *target_view.stripped_codepoints, hard,
             hard if soft is None else soft, hard if soft is None else soft, target_view.canonical, first, DTW_WIDTH)
-        tails = np.zeros(len(counts), np.float32)
+        tails = np.where(counts == 0, 1.0, 0.0).astype(np.float32)  # the paper drops the mass beyond the top-k
         ways = {"distribution": DISTRIBUTION, "one_hot": ONE_HOT, "empty": EMPTY}
     rows = _sparse(ids, logprobs, counts, tails)
     if stats is not None:
@@ -176,10 +211,12 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
     equal target tokens; the same result as align_blocks."""
     workers = workers or os.cpu_count() or 1
     texts = list(texts)
-    t_ptr = np.asarray(target_ptr, dtype=np.int64)
-    s_ptr = np.asarray(source_ptr, dtype=np.int64)
+    t_ptr = _offsets(target_ptr, len(target_tokens), "target_ptr", len(texts))
+    s_ptr = _offsets(source_ptr, len(source_tokens), "source_ptr", len(texts))
+    if mode not in MODES:
+        raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
     mapping = _warm(source_view, target_view, mapping, mode)
-    chunks = min(len(texts), workers * 4)
+    chunks = min(len(texts), workers * 2)
     if workers == 1 or chunks <= 1:
         return align_blocks(texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs,
                             source_tail, target_view, source_view, mapping, mode, stats)
@@ -191,10 +228,10 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
         b0, b1 = part
         t0, t1, s0, s1 = t_ptr[b0], t_ptr[b1], s_ptr[b0], s_ptr[b1]
         part_stats = {}
-        rows = align_blocks(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
-                            np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0,
-                            np.asarray(source_topk_ids)[s0:s1], np.asarray(source_topk_logprobs)[s0:s1],
-                            None if tail is None else tail[s0:s1], target_view, source_view, mapping, mode, part_stats)
+        rows = _align(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
+                      np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0, np.asarray(source_topk_ids)[s0:s1],
+                      np.asarray(source_topk_logprobs)[s0:s1], None if tail is None else tail[s0:s1], target_view,
+                      source_view, mapping, mode, part_stats, first_block=b0)
         return rows, part_stats
 
     parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]

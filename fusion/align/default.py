@@ -51,8 +51,10 @@ def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct
     unknown = 0.0
     for e in range(topk_ids.shape[1]):
         x = topk_ids[i, e]
+        if x < 0:
+            continue  # padding
         p = np.exp(np.float64(topk_logprobs[i, e]))
-        if x < 0 or x >= len(direct):
+        if x >= len(direct):
             y = -1  # an id beyond the tokenizer (a padded logit): its mass is unknown
         elif k == 0:
             y = direct[x]

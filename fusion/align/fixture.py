@@ -14,6 +14,7 @@ kind_KK) in the paper's row convention, the values being the raw logits as given
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -25,7 +26,7 @@ from ..errors import FusionError
 from .dtw import diagonal_columns, text_columns
 from .reference import align_reference, first_token_match
 from .streams import gather_bytes
-from .tokens import TokenView, build_view, token_view
+from .tokens import TokenView, build_view, codepoints, token_view
 
 # SentencePiece piece types (sentencepiece_model.proto)
 UNKNOWN, CONTROL, BYTE = 2, 3, 6
@@ -76,8 +77,6 @@ def sentencepiece_view(model_path: Path, name: str = "") -> TokenView:
     if any(kind == BYTE for _, kind in pieces):
         decoder.append({"type": "ByteFallback"})
     role = {s: i for i, s in enumerate(strings) if i in special}
-    import hashlib
-
     return build_view(strings, {"decoder": {"type": "Sequence", "decoders": decoder}}, special, set(),
                       bos_id=role.get("<s>", -1), eos_id=role.get("</s>", -1), unk_id=role.get("<unk>", -1),
                       hash=hashlib.sha256(raw).hexdigest()[:32], name=name)
@@ -91,7 +90,8 @@ def _view(folder: Path, side: str) -> TokenView:
             return token_view(Tokenizer.from_file(str(path)), name=side)
         if path.name.endswith(".model"):
             return sentencepiece_view(path, name=side)
-    raise FusionError(f"{folder}: no tokenizer file for the {side} side (expected {side}_*.model or {side}_*.tokenizer.json)")
+    raise FusionError(f"{folder}: no tokenizer file for the {side} side "
+                      f"(expected {side}_*.model or {side}_*.tokenizer.json)")
 
 
 def _columns(base: TokenView, blend: TokenView, base_ids: np.ndarray, blend_ids: np.ndarray):
@@ -129,13 +129,10 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
         mapping = json.loads((folder / "vocab_mapping_default.json").read_text()) if mode == "soft" else None
     except (OSError, ValueError, KeyError) as exc:
         raise FusionError(f"{folder}: not a readable alignment fixture ({exc})") from exc
-    base = _view(folder / "tokenizers", "base")
-    blend = _view(folder / "tokenizers", "blend")
-    base.strings, blend.strings = base_strings, blend_strings  # the fixture's own spelling wins
+    base = _view(folder / "tokenizers", "base")  # the views give bytes (the band's centre); strings and
+    blend = _view(folder / "tokenizers", "blend")  # markers come from the fixture's own files
     base_marker = meta.get("base_special", base.marker)
     blend_marker = meta.get("blend_special", blend.marker)
-    base.marker, blend.marker = base_marker, blend_marker
-    base.__dict__.pop("vocab", None)
 
     vocab = {s: i for i, s in enumerate(base_strings)}
     spelled = [s.replace(blend_marker, base_marker) for s in blend_strings]
@@ -147,7 +144,8 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
         translate = match_soft = np.array([vocab.get(mapping.get(s), -1) for s in spelled], dtype=np.int32)
         soft_lookup = mapping.get
     canon = np.array([vocab[s] for s in base_strings], dtype=np.int32)
-    a_cp, b_cp = blend.stripped_codepoints, base.stripped_codepoints
+    a_cp = codepoints([s.replace(blend_marker, "") for s in blend_strings])
+    b_cp = codepoints([s.replace(base_marker, "") for s in base_strings])
     n = int(meta.get("n_sequences", sum(name.startswith("base_ids_") for name in inputs.files)))
     sequences = [{key: inputs[f"{key}_{k:02d}"] for key in ("base_ids", "blend_ids", "topk_idx", "topk_logits")}
                  for k in range(n)]

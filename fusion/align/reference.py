@@ -51,7 +51,8 @@ def reference_rows(a, b, count, row_of, match_hard, match_soft, translate, canon
         if count[j] == 1:
             i = row_of[j]
             s = a[i]
-            matched = (match_hard[s] >= 0 and match_hard[s] == target) or (match_soft[s] >= 0 and match_soft[s] == target)
+            matched = ((match_hard[s] >= 0 and match_hard[s] == target)
+                       or (match_soft[s] >= 0 and match_soft[s] == target))
             if j == 0 and first_match >= 0:
                 matched = first_match == 1
         if matched:
@@ -136,7 +137,7 @@ def reference_blocks(t_ids, t_ptr, t_start, t_len, s_ids, s_ptr, s_start, s_len,
         a = s_ids[s0:s1]
         b = t_ids[t0:t1]
         first, last = text_columns(s_start[s0:s1], s_len[s0:s1], t_start[t0:t1])
-        count, row_of, _ = dtw_path_columns(a, b, af, ap, bf, bp, first, last, width, 2)
+        count, row_of, _ = dtw_path_columns(a, b, af, ap, bf, bp, first, last, width)
         fm = first_match[blk] if (len(b) and count[0] == 1) else -1
         ptr, idx, val, kind = reference_rows(a, b, count, row_of, match_hard, match_soft, translate, canon_b, fm,
                                              topk_ids, topk_logprobs, s0 + 1, s1)

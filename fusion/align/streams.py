@@ -11,7 +11,9 @@ Special tokens (BOS, EOS, pad) stand for no text. Two rarer cases take a slower 
 token (`<unk>`, where a tokenizer without byte fallback met a character it cannot spell) covers
 whatever text lies between its neighbours, and a special token whose literal spelling occurs in
 the text at that point (a text containing "<|endoftext|>" tokenized with special tokens parsed)
-covers that spelling.
+covers that spelling; a SentencePiece-style tokenizer then puts a dummy space after it too, which
+the token after it keeps in its bytes but not in the text. (Tokenizing with
+split_special_tokens=True avoids this case altogether.)
 """
 
 from __future__ import annotations
@@ -51,16 +53,25 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _regex_lengths(view: TokenView, ids: np.ndarray, text: bytes) -> tuple[int, np.ndarray] | None:
-    """Slow path: unknown tokens match any text, special tokens their literal spelling or nothing."""
+    """Slow path: unknown tokens match any text, special tokens their literal spelling or nothing.
+    A tokenizer that parsed a special token out of the text starts the text after it afresh, with
+    a dummy space of its own: a space at the start of the token after a special one may be absent
+    from the text."""
     parts = []
+    after_special = False
     for q, t in enumerate(ids):
         t = int(t)
+        data = view.token_bytes(t)
         if t == view.unk_id:
             parts.append(b"(?P<t%d>.+?)" % q)
-        elif view.special[t]:
-            parts.append(b"(?P<t%d>(?:%s)?)" % (q, re.escape(view.strings[t].encode("utf-8"))))
+        elif view.special[t]:  # its spelling, markers read as spaces where the tokenizer matched it
+            spellings = {view.strings[t], view.strings[t].replace(view.marker, " ") if view.marker else ""} - {""}
+            parts.append(b"(?P<t%d>(?:%s)?)" % (q, b"|".join(re.escape(x.encode("utf-8")) for x in spellings)))
+        elif after_special and data.startswith(b" "):
+            parts.append(b"(?P<t%d> ?%s)" % (q, re.escape(data[1:])))
         else:
-            parts.append(re.escape(view.token_bytes(t)))
+            parts.append(re.escape(data))
+        after_special = bool(view.special[t]) and t != view.unk_id
     pattern = re.compile(b"".join(parts), re.DOTALL)
     for prefix in (0, 1):
         match = pattern.fullmatch(b" " * prefix + text)

@@ -7,7 +7,8 @@ model and added tokens), never from its class name:
 - a ByteLevel decoder or pre-tokenizer: token strings are spelled in the ByteLevel alphabet
   (printable bytes as themselves, the others shifted to U+0100..), so each character is one byte;
 - Replace / Metaspace decoders (SentencePiece-style): the replaced piece (e.g. "▁") is a space;
-- ByteFallback: pieces "<0xNN>" stand for the single byte NN;
+- ByteFallback: pieces "<0xNN>" stand for the single byte NN (also where a tokenizer lists them as
+  special added tokens: the model emits them for bytes it has no piece for);
 - added tokens that are not special stand for their literal content;
 - special tokens (BOS, EOS, pad, unk, ...) stand for no text at all (`special` is True).
 
@@ -64,7 +65,7 @@ class TokenView:
     bos_id: int  # -1 where the tokenizer has none
     eos_id: int
     unk_id: int
-    hash: str  # content hash of the tokenizer plus VIEW_VERSION
+    hash: str  # hash of everything above (so cached tables follow any change in the derivation)
     name: str = ""
 
     @property
@@ -179,7 +180,10 @@ def build_view(
     byte_piece = np.zeros(n, dtype=bool)
     added = np.zeros(n, dtype=bool)
     for i, s in enumerate(strings):
-        if i in special_ids or not s:
+        if byte_fallback and (m := BYTE_PIECE.fullmatch(s)):  # what the model emits for a byte, even if
+            byte_piece[i] = True  # the tokenizer also lists the piece as a special added token
+            pieces.append(bytes([int(m.group(1), 16)]))
+        elif i in special_ids or not s:
             special[i] = i in special_ids
             pieces.append(b"")
         elif i in added_literal_ids:
@@ -187,9 +191,6 @@ def build_view(
             pieces.append(s.encode("utf-8"))
         elif byte_level:
             pieces.append(bytes(alphabet[c] for c in s) if all(c in alphabet for c in s) else s.encode("utf-8"))
-        elif byte_fallback and (m := BYTE_PIECE.fullmatch(s)):
-            byte_piece[i] = True
-            pieces.append(bytes([int(m.group(1), 16)]))
         else:
             text = s
             if suffix and text.endswith(suffix):
@@ -200,7 +201,11 @@ def build_view(
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(p) for p in pieces], out=ptr[1:])
     data = np.frombuffer(b"".join(pieces), dtype=np.uint8).copy()
-    view_hash = hashlib.sha256(f"{VIEW_VERSION}:{hash}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{VIEW_VERSION}:{hash}:{marker}:{byte_level}".encode())
+    for part in (data, ptr, special, byte_piece, added, np.array([bos_id, eos_id, unk_id])):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update("\0".join(strings).encode("utf-8", "surrogatepass"))
+    view_hash = digest.hexdigest()[:32]
     return TokenView(strings, marker, byte_level, data, ptr, special, byte_piece, added,
                      bos_id, eos_id, unk_id, view_hash, name)
 

@@ -15,11 +15,14 @@ Modes:
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
   are admissible, because probability the source gives to "the text goes on with these bytes"
   belongs to the target token the text would then start with, not to a look-alike (" cat" ->
-  " ca" rather than " hat"). Where several target tokens spell the same bytes, added tokens win
-  over model tokens and model tokens over byte-fallback pieces (the order tokenizers produce
-  them in), then the lowest id. A source BOS/EOS maps to the target's BOS/EOS (EOS first where a
-  tokenizer uses one token for both); other special tokens, and tokens no target token is a
-  prefix of, map to the target's unknown token if it has one, else -1.
+  " ca" rather than " hat"). Byte-fallback pieces only count for bytes the target has no
+  ordinary token for (it never emits "<0xC3>" for an "é" it has a token for): where ordinary
+  target tokens continue the bytes (a source token that ends inside a character), the target
+  token is unknowable and the map says -1. Where several target tokens spell the same bytes,
+  added tokens win over model tokens and model tokens over byte-fallback pieces (the order
+  tokenizers produce them in), then the lowest id. A source BOS/EOS maps to the target's BOS/EOS
+  (EOS first where a tokenizer uses one token for both); other special tokens, and bytes the
+  target cannot spell at all, map to the target's unknown token if it has one, else -1.
 
 `continuation_table` / `dummy_prefix_table` extend the default map to source tokens whose first
 bytes are already committed (default.py) or that follow a target's dummy space.
@@ -41,7 +44,7 @@ from numba import njit, prange
 from ..errors import FusionError
 from .tokens import TokenView, codepoints
 
-MAP_VERSION = "1"
+MAP_VERSION = "2"
 MODES = ("default", "reference-hard", "reference-soft")
 
 
@@ -49,15 +52,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FUSION_CACHE_DIR") or Path.home() / ".cache" / "fusion")
 
 
-def cached(kind: str, source: TokenView, target: TokenView, build) -> np.ndarray:
-    """build() once per (kind, source, target), kept in the on-disk cache."""
+_memory: dict[str, np.ndarray] = {}  # tables this process has built or read
+
+
+def cached(kind: str, source: TokenView, target: TokenView, size: int, build) -> np.ndarray:
+    """build() once per (kind, source, target), kept in memory and in the on-disk cache; a cached
+    table of another length than `size` (a damaged file) is rebuilt."""
     key = hashlib.sha256(f"{kind}:{MAP_VERSION}:{source.hash}:{target.hash}".encode()).hexdigest()[:40]
     path = cache_dir() / "vocab" / f"{kind}-{key}.npy"
+    table = _memory.get(str(path))
+    if table is not None:
+        return table
     try:
-        return np.load(path)
+        table = np.load(path)
+        if table.shape == (size,) and table.dtype == np.int32:
+            _memory[str(path)] = table
+            return table
     except (OSError, ValueError):
         pass
-    table = build()
+    table = _memory[str(path)] = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -76,7 +89,7 @@ def vocab_map(source: TokenView, target: TokenView, mode: str) -> np.ndarray:
     build = {"default": lambda: default_map(source, target),
              "reference-hard": lambda: hard_map(source, target),
              "reference-soft": lambda: soft_map(source, target)}[mode]
-    return cached(mode, source, target, build)
+    return cached(mode, source, target, source.size, build)
 
 
 # --- reference modes -------------------------------------------------------------------------
@@ -109,7 +122,8 @@ def _char_masks(flat, ptr):
     for s in range(n):
         mask = np.uint64(0)
         for q in range(ptr[s], ptr[s + 1]):
-            mask |= np.uint64(1) << np.uint64(((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63))
+            bit = ((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63)
+            mask |= np.uint64(1) << bit
         masks[s] = mask
     return masks
 
@@ -213,22 +227,50 @@ def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
 
 def bytes_to_id(view: TokenView) -> dict[bytes, int]:
     """The id a tokenizer would use for each byte string it has a token for: added tokens before
-    model tokens before byte-fallback pieces, then the lowest id."""
-    rank = np.where(view.added, 0, np.where(view.byte_piece, 2, 1))
-    lengths = view.lengths
-    ids = [i for i in range(view.size) if lengths[i] > 0 and not view.special[i]]
-    table = {}
-    for i in sorted(ids, key=lambda i: (rank[i], i), reverse=True):
-        table[view.token_bytes(i)] = i
+    model tokens before byte-fallback pieces, then the lowest id (kept on the view once built)."""
+    table = view.__dict__.get("_bytes_to_id")
+    if table is None:
+        rank = np.where(view.added, 0, np.where(view.byte_piece, 2, 1))
+        lengths = view.lengths
+        ids = [i for i in range(view.size) if lengths[i] > 0 and not view.special[i]]
+        table = {}
+        for i in sorted(ids, key=lambda i: (rank[i], i), reverse=True):
+            table[view.token_bytes(i)] = i
+        view.__dict__["_bytes_to_id"] = table
     return table
 
 
-def _longest_prefix(table: dict[bytes, int], data: bytes, longest: int) -> int:
-    for size in range(min(len(data), longest), 0, -1):
-        hit = table.get(data[:size])
-        if hit is not None:
-            return hit
-    return -1
+class FirstToken:
+    """The target token a byte string begins with, as far as the string tells.
+
+    The longest ordinary target token (not a byte-fallback piece) that is a prefix of it. Failing
+    that: if some ordinary token starts with the whole string (a character cut short, such as the
+    first byte of "é"), the target will spell it with one of those and we cannot tell which: -1;
+    else the target has no ordinary token for these bytes and spells them with byte pieces: the
+    piece of the first byte (-1 where it has none)."""
+
+    def __init__(self, target: TokenView):
+        table = bytes_to_id(target)
+        self.ordinary = {b: i for b, i in table.items() if not target.byte_piece[i]}
+        self.pieces = {b: i for b, i in table.items() if target.byte_piece[i]}
+        self.started = {b[:k] for b in self.ordinary for k in range(1, len(b))}
+        self.longest = max((len(b) for b in self.ordinary), default=0)
+
+    def __call__(self, data: bytes) -> int:
+        for size in range(min(len(data), self.longest), 0, -1):
+            hit = self.ordinary.get(data[:size])
+            if hit is not None:
+                return hit
+        if not data or data in self.started:
+            return -1
+        return self.pieces.get(data[:1], -1)
+
+
+def first_token(target: TokenView) -> FirstToken:
+    lookup = target.__dict__.get("_first_token")
+    if lookup is None:
+        lookup = target.__dict__["_first_token"] = FirstToken(target)
+    return lookup
 
 
 def _special_map(source: TokenView, target: TokenView, x: int) -> int:
@@ -240,15 +282,17 @@ def _special_map(source: TokenView, target: TokenView, x: int) -> int:
 
 
 def default_map(source: TokenView, target: TokenView) -> np.ndarray:
-    table = bytes_to_id(target)
-    longest = max((len(b) for b in table), default=0)
+    first = first_token(target)
     out = np.full(source.size, -1, dtype=np.int32)
     for x in range(source.size):
         if source.special[x] or source.lengths[x] == 0:
             out[x] = _special_map(source, target, x)
             continue
-        hit = _longest_prefix(table, source.token_bytes(x), longest)
-        out[x] = hit if hit >= 0 else target.unk_id
+        data = source.token_bytes(x)
+        hit = first(data)
+        if hit < 0 and data not in first.started:
+            hit = target.unk_id  # bytes the target cannot spell at all: its unknown token
+        out[x] = hit
     return out
 
 
@@ -256,16 +300,15 @@ def continuation_table(source: TokenView, target: TokenView) -> np.ndarray:
     """int32 aligned with source.data: entry source.ptr[x] + k (1 <= k < len(x)) is the target token
     the rest of x's bytes after its first k would start with (-1: none); entry ptr[x] is unused."""
     def build():
-        table = bytes_to_id(target)
-        longest = max((len(b) for b in table), default=0)
+        first = first_token(target)
         out = np.full(len(source.data), -1, dtype=np.int32)
         for x in range(source.size):
             data = source.token_bytes(x)
             base = int(source.ptr[x])
             for k in range(1, len(data)):
-                out[base + k] = _longest_prefix(table, data[k:], longest)
+                out[base + k] = first(data[k:])
         return out
-    return cached("continuation", source, target, build)
+    return cached("continuation", source, target, len(source.data), build)
 
 
 def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
@@ -273,13 +316,12 @@ def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
     start with (for a target that puts a dummy space in front of the text and a source that does
     not); special tokens as in the default map."""
     def build():
-        table = bytes_to_id(target)
-        longest = max((len(b) for b in table), default=0)
+        first = first_token(target)
         out = np.full(source.size, -1, dtype=np.int32)
         for x in range(source.size):
             if source.special[x] or source.lengths[x] == 0:
                 out[x] = _special_map(source, target, x)
             else:
-                out[x] = _longest_prefix(table, b" " + source.token_bytes(x), longest)
+                out[x] = first(b" " + source.token_bytes(x))
         return out
-    return cached("dummy", source, target, build)
+    return cached("dummy", source, target, source.size, build)

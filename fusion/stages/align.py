@@ -45,6 +45,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
     texts, _ = split.read_blocks(run, "train", index)
     target = logits.read(run, run.target.name, index, ["tokens", "seq_ptr"])
     source = logits.read(run, part, index)
+    stats: dict = {}
     rows = align_blocks_parallel(
         texts,
         target["tokens"].astype(np.int64),
@@ -58,6 +59,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         vocab.token_view(run, part),
         vocab.read(run, part),
         run.spec.align.mode,
+        stats=stats,
         workers=run.spec.align.workers or os.cpu_count() or 1,
     )
     target_vocab = len(run.tokenizers[run.target.name])
@@ -70,7 +72,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         "seq_bytes": source["seq_bytes"],
         "seq_tokens": np.diff(source["seq_ptr"]),
     }
-    covered = float((rows.counts > 0).mean()) if rows.rows else 0.0
+    covered = stats["coverage"]  # rows with a source distribution (not the reference's one-hot fallback)
     shards.write_shard(
         run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=rows.rows, attrs={"coverage": round(covered, 6)}
     )

@@ -49,7 +49,7 @@ def shard_count(run: Run, part: str) -> int:
 
 def block_nll(model, tokenizer, bos: int, texts: list[str], batch_tokens: int, device: str, desc: str) -> np.ndarray:
     """Total NLL (nats, float64) of each text under the model, every token predicted from BOS."""
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    token_ids = models.encode(tokenizer, texts)
     out = np.zeros(len(texts), dtype=np.float64)
     batches = logits.length_batches([len(ids) for ids in token_ids], batch_tokens)
     for batch in bar(batches, desc=desc, unit="batch", leave=False):

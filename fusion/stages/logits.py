@@ -105,7 +105,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.model(part)
     tokenizer = run.tokenizers[part]
     texts, _ = split.read_blocks(run, "train", index)
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    token_ids = models.encode(tokenizer, texts)
     for i, ids in enumerate(token_ids):
         if len(ids) > run.spec.split.block_tokens:
             raise FusionError(f"model '{part}': block {i} of split shard {index} has {len(ids)} tokens > split.block_tokens")

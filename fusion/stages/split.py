@@ -1,9 +1,10 @@
 """split: the corpus as text blocks that every model's tokenizer turns into at most
 `split.block_tokens` tokens, so that all models see exactly the same text.
 
-A plan (one pass over the corpus, no tokenizing) groups consecutive documents into shards by
-size and marks whole documents as held out; each shard task then cuts its documents into
-blocks and writes two parts: `train` (what the logits stage reads) and `heldout` (what
+Text is normalised to Unicode NFC first (several tokenizers normalise, and every model must
+see the same text). A plan (one pass over the corpus, no tokenizing) groups consecutive
+documents into shards by size and marks whole documents as held out; each shard task then
+cuts its documents into blocks and writes two parts: `train` (what the logits stage reads) and `heldout` (what
 evaluation reads). Blocks end at a line break or a space where one is near.
 
 Arrays per part and shard: text (uint8, the blocks' UTF-8 bytes back to back), text_ptr
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import unicodedata
 
 import numpy as np
 
 from fusion import shards
 from fusion.corpus import read_documents
 from fusion.errors import FusionError
+from fusion.models import encode
 from fusion.run import Run
 
 NAME = "split"
@@ -111,6 +114,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
     blocks = {p: ([], [], []) for p in PARTS}  # texts, docs, domains
     docs = itertools.islice(read_documents(run.spec.corpus), start, stop)
     for doc, (text, domain) in enumerate(docs, start):
+        text = unicodedata.normalize("NFC", text)
         target = blocks["heldout" if is_heldout(doc, fraction) else "train"]
         for block in split_text(text, tokenizers, run.spec.split.block_tokens):
             target[0].append(block)
@@ -168,7 +172,7 @@ def _first_cuts(text: str, tokenizers: list, max_tokens: int) -> list[int]:
     tokens for every tokenizer, moved back to a line break or space."""
     ends = []
     for tok in tokenizers:
-        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = encode(tok, [text], offsets=True)["offset_mapping"][0]
         e = np.maximum.accumulate(np.array([b for _, b in offsets] or [len(text)], dtype=np.int64))
         ends.append(e)
     budget = max(1, int(max_tokens * FILL))
@@ -200,6 +204,6 @@ def _snap(piece: str, at: int) -> int:
 def _too_long(pieces: list[str], tokenizers: list, max_tokens: int) -> list[bool]:
     bad = [False] * len(pieces)
     for tok in tokenizers:
-        for i, ids in enumerate(tok(pieces, add_special_tokens=False)["input_ids"]):
+        for i, ids in enumerate(encode(tok, pieces)):
             bad[i] = bad[i] or len(ids) > max_tokens
     return bad
