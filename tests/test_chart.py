@@ -22,6 +22,7 @@ from tests.helmchart import (
     STORE_VOLUME,
     as_pod_template,
     lint,
+    merge_values,
     pod_templates,
     render,
     render_error,
@@ -226,12 +227,11 @@ def _containers(obj):
 
 def test_the_run_spec_reaches_the_pods_unchanged(rendered):
     for case, layers in CASES.items():
-        merged = {}
-        for layer in layers:
-            merged.update({k: v for k, v in layer.items() if k != "cluster"})
+        values = merge_values(*layers)
+        values.pop("cluster")
         pods_see = rendered[case].run_spec
         assert "cluster" not in pods_see
-        assert parse_spec(pods_see).model_dump() == parse_spec({**TINY, **merged}).model_dump()
+        assert parse_spec(pods_see).model_dump() == parse_spec(values).model_dump()
 
 
 def test_edge_numbers_survive_helm(rendered):

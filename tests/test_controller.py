@@ -64,6 +64,9 @@ class Setup:
         self.controller_job = rendered.get("Job", "ctl-controller")
         self.controller = Controller(self.run, self.workloads, Kube(NAMESPACE), "ctl-controller")
         self.hashes = {f"{stage}/{part}": f"h-{stage}-{part}" for stage, part in self.outputs()}
+        self.payload = tmp_path / "payload"  # what each test shard holds
+        self.payload.mkdir()
+        (self.payload / "rows.txt").write_text("computed\n")
 
     def outputs(self):
         out = [("split", "train"), ("split", "heldout")]
@@ -78,11 +81,11 @@ class Setup:
         outputs = {k: {"config_hash": h, "shards": self.shards_of(k)} for k, h in self.hashes.items()}
         self.run.store.write_json(RUN_RECORD, {"spec_hash": spec_hash or self.run.spec_hash(), "outputs": outputs})
 
-    def write_shards(self, stage: str, part: str, config_hash: str | None = None):
+    def write_shards(self, stage: str, part: str, config_hash: str | None = None, only: int | None = None):
+        """Commit the part's shards as a stage would (through the commit protocol)."""
         key = f"{stage}/{part}"
-        for i in range(self.shards_of(key)):
-            record = {"config_hash": config_hash or self.hashes[key], "rows": 10, "stored_bytes": 100}
-            self.run.store.write_json(shards.record_path(stage, part, i), record)
+        for i in range(self.shards_of(key)) if only is None else [only]:
+            shards.write_files_shard(self.run.store, stage, part, i, self.payload, config_hash or self.hashes[key])
 
     def objects(self, kind: str) -> dict[str, dict]:
         plural = {"Job": "batch/v1/jobs", "PyTorchJob": "kubeflow.org/v1/pytorchjobs"}[kind]
@@ -267,7 +270,7 @@ async def test_workers_that_finish_with_shards_left_are_started_again(setup):
             shards.commit_part(s.run.store, stage, part, s.shards_of(key), s.hashes[key])
     await s.step()
     first = s.objects("Job")["ctl-align-src-llama"]["metadata"]["uid"]
-    s.run.store.write_json(shards.record_path("align", "src-llama", 0), {"config_hash": s.hashes["align/src-llama"], "rows": 1, "stored_bytes": 1})
+    s.write_shards("align", "src-llama", only=0)
     await s.finish("Job", "ctl-align-src-llama")
     await s.step()
     assert "ctl-align-src-llama" not in s.objects("Job")
