@@ -50,7 +50,8 @@ spec:
           operator: In
           values: [3]
       {{- if eq .mode "workers" }}
-      # 143 = SIGTERM: a worker removed by a scale-down (or a drain) hands its lease back.
+      # 143 = SIGTERM: a worker removed by a scale-down (or a drain) is no failure; its shard
+      # goes to another worker once the lease is released or expires (leaseSeconds).
       - action: Ignore
         onExitCodes:
           containerName: fusion
