@@ -294,8 +294,8 @@ class Cluster:
             return
         if spec.get("completions") is not None:
             want = min(parallelism, spec["completions"] - len(state.succeeded))
-        else:
-            want = 0 if state.succeeded else parallelism
+        else:  # a work queue: once a pod succeeded no new ones start, but the running ones finish
+            want = min(parallelism, len(running)) if state.succeeded else parallelism
         for _ in range(max(0, want - len(running))):
             await self._create_pod(job)
         if len(running) > want:  # a scale-down: the newest pods go first
