@@ -4,7 +4,8 @@ token), packed with the target's tokens as the training set.
 
 Arrays per shard: tokens (target ids) and seq_ptr (block offsets), the fused sparse rows
 (counts uint8, ids, logprobs float16, tail float16), and per block `choice`: the candidate
-with the best metric on the block (0 = the target itself, i = source i), for the logs.
+with the best metric on the block (0 = the target itself, i = the i-th fused source), for the logs.
+`fuse.sources` picks which sources take part (default: all).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ def parts(run: Run) -> list[str]:
 
 
 def inputs(run: Run, part: str) -> list[tuple[str, str]]:
-    return [("logits", run.target.name)] + [("align", s.name) for s in run.sources]
+    return [("logits", run.target.name)] + [("align", s.name) for s in run.fused_sources]
 
 
 def fingerprint(run: Run, part: str) -> dict:
     return {
         "target_logits": run.hash("logits", run.target.name),
-        "aligned": [run.hash("align", s.name) for s in run.sources],
-        "fuse": run.spec.fuse.model_dump(mode="json"),
+        "aligned": [run.hash("align", s.name) for s in run.fused_sources],  # which sources, in order
+        "fuse": run.spec.fuse.model_dump(mode="json", exclude={"sources"}),
     }
 
 
@@ -44,7 +45,7 @@ def shard_count(run: Run, part: str) -> int:
 def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.spec.fuse
     own = logits.read(run, run.target.name, index)
-    aligned = [align.read(run, s.name, index) for s in run.sources]
+    aligned = [align.read(run, s.name, index) for s in run.fused_sources]
     candidates = [SparseRows.from_topk(own["topk_ids"], own["topk_logprobs"], own["tail"])]
     candidates += [
         SparseRows(a["counts"].astype(np.int32), a["ids"].astype(np.int32), a["logprobs"].astype(np.float32), a["tail"].astype(np.float32))

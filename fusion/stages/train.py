@@ -216,7 +216,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        choices = np.bincount(packed.choice[blocks], minlength=1 + len(run.sources)).tolist()
+        choices = np.bincount(packed.choice[blocks], minlength=1 + len(run.fused_sources)).tolist()
         log.append({"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": group["lr"], "tokens": real, "choice": choices})
         if (step + 1) % spec.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(run, step + 1, model, optimizer, log)
@@ -236,13 +236,13 @@ def export(run: Run, model, tokenizer, log: list[dict]) -> None:
 
 def model_card(run: Run, log: list[dict]) -> str:
     spec = run.spec
-    sources = "\n".join(f"- `{s.name}`: {s.path}" for s in run.sources)
+    sources = "\n".join(f"- `{s.name}`: {s.path}" for s in run.fused_sources)
     last = log[-1] if log else {}
     return f"""---
 library_name: transformers
 tags: [knowledge-fusion, fusellm]
 ---
-# {spec.name}: {run.target.name} fused with {len(run.sources)} source model(s)
+# {spec.name}: {run.target.name} fused with {len(run.fused_sources)} source model(s)
 
 Continual training of `{run.target.path}` by knowledge fusion (FuseLLM, Wan et al., ICLR 2024).
 
