@@ -68,7 +68,7 @@ def ties_merge(base: dict, states: list[dict], density: float = 0.2, scale: floa
     taus = [torch.cat([(s[n].double() - base[n].double()).reshape(-1) for n in floats]) for s in states]
     trimmed = []
     for tau in taus:
-        keep = max(1, int(round(density * tau.numel())))
+        keep = max(1, round(density * tau.numel()))
         threshold = tau.abs().kthvalue(tau.numel() - keep + 1).values  # the keep-th largest magnitude
         trimmed.append(torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau)))
     stacked = torch.stack(trimmed)

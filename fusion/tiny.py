@@ -196,6 +196,7 @@ def make_model(architecture: str, vocab_size: int, hidden: int, layers: int, tok
             vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_inner=hidden * 3,
             n_positions=common["max_position_embeddings"], bos_token_id=common["bos_token_id"],
             eos_token_id=common["eos_token_id"], tie_word_embeddings=True,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout, like the other two
         )
     else:
         raise ValueError(f"unknown architecture {architecture}")
