@@ -226,15 +226,15 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
         raise FusionError(f"ensemble: top_k must be 1..255, got {top_k}")
     weights = normalised_weights(members)
     base = members[0]
-    ids = {m.name: m.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [] for m in members}
-    b_tokens, b_ptr, _, _, _, b_nll = _member_rows(base, ids[base.name], 1, batch_tokens)
+    ids = [m.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [] for m in members]
+    b_tokens, b_ptr, _, _, _, b_nll = _member_rows(base, ids[0], 1, batch_tokens)
     numerator = weights[0] * np.exp(-b_nll)
     denominator = np.full(len(b_tokens), weights[0])
     base_view = token_view(base.tokenizer)
-    for m, w in zip(members[1:], weights[1:]):
-        if w == 0:
+    for i, (m, w) in enumerate(zip(members, weights)):
+        if i == 0 or w == 0:
             continue
-        s_tokens, s_ptr, topk_ids, topk_lp, tail, _ = _member_rows(m, ids[m.name], top_k, batch_tokens)
+        s_tokens, s_ptr, topk_ids, topk_lp, tail, _ = _member_rows(m, ids[i], top_k, batch_tokens)
         rows = align_blocks(texts, b_tokens, b_ptr, s_tokens, s_ptr, topk_ids, topk_lp, tail,
                             base_view, token_view(m.tokenizer), None, "default")
         present = rows.counts > 0
@@ -243,7 +243,8 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
         numerator += np.where(present, w * p, 0.0)
         denominator += np.where(present, w, 0.0)
         if stats is not None:
-            stats[m.name] = {"coverage": float(present.mean()) if len(present) else 1.0}
+            stats[m.name if m.name not in stats else f"{m.name} ({i})"] = {
+                "coverage": float(present.mean()) if len(present) else 1.0}
     with np.errstate(divide="ignore"):
         row_nll = -np.log(numerator / denominator)
     return np.array([row_nll[a:b].sum() for a, b in zip(b_ptr[:-1], b_ptr[1:])], dtype=np.float64)
