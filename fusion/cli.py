@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", required=True, choices=["hard", "soft"])
     p.add_argument("--out", required=True)
 
+    from fusion import ensemble  # light at import time: torch loads only when a command runs
+
+    ensemble.add_cli(sub)
+
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -230,6 +234,12 @@ def cmd_align_fixture(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from fusion.ensemble import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -241,6 +251,7 @@ COMMANDS = {
     "validate": cmd_validate,
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
+    "ensemble": cmd_ensemble,
 }
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ class Run:
     def sources(self) -> list[ModelSpec]:
         return self.spec.models.sources
 
+    @property
+    def fused_sources(self) -> list[ModelSpec]:
+        """The sources whose distributions the fuse stage combines (fuse.sources; default all)."""
+        names = self.spec.fuse.sources
+        return self.sources if names is None else [self.model(n) for n in names]
+
     def model(self, name: str) -> ModelSpec:
         for m in self.spec.models.all():
             if m.name == name:
