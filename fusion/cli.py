@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lease-seconds",
         type=float,
-        default=float(os.environ.get("FUSION_LEASE_SECONDS", 300)),
+        default=float(os.environ.get("FUSION_LEASE_SECONDS", "300")),
         help="a dead worker's shard is taken over after this long (default $FUSION_LEASE_SECONDS or 300)",
     )
     p.add_argument("--poll-seconds", type=float, default=5.0, help="pause between looks while others hold the last shards")
@@ -52,6 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec")
     p.add_argument("--store")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("prepare", help="check a run spec, its models and corpus; plan the shards; write run.json")
+    p.add_argument("spec")
+    p.add_argument("--store")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("k8s", help="the Kubernetes side of a run (helm/fusion runs these)")
+    k8s = p.add_subparsers(dest="k8s_command", required=True)
+    q = k8s.add_parser("controller", help="create each stage's workload once its inputs are committed")
+    q.add_argument("spec")
+    q.add_argument("--workloads", required=True, help="the chart's workloads.yaml (multi-document)")
+    q.add_argument("--job", required=True, help="the controller's own Job: owner of every workload it creates")
+    q.add_argument("--namespace", help="default: $POD_NAMESPACE, else the service account's namespace")
+    q.add_argument("--poll-seconds", type=float, default=15.0)
+    q = k8s.add_parser("check", help="`helm test`: the spec parses and the store is reachable and writable")
+    q.add_argument("spec")
+    k8s.add_parser("schema", help="print the Helm chart's values.schema.json (a run spec plus cluster keys)")
 
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
     p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
@@ -67,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixture", required=True)
     p.add_argument("--mode", required=True, choices=["hard", "soft"])
     p.add_argument("--out", required=True)
+
+    from fusion import ensemble  # light at import time: torch loads only when a command runs
+
+    ensemble.add_cli(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -156,6 +177,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from fusion.launch_local import prepare
+
+    run = _run(args.spec, args.store, args.set)
+    prepare(run)
+    plan = run.store.read_json("split/_plan.json")
+    print(f"[fusion] prepared run '{run.spec.name}' in {run.store.url}: {len(plan['shards'])} shard(s), {plan['documents']} document(s)")
+    return 0
+
+
+def cmd_k8s(args) -> int:
+    if args.k8s_command == "controller":
+        from fusion.k8s import controller
+
+        return controller.main(args.spec, args.workloads, args.job, args.namespace, args.poll_seconds)
+    if args.k8s_command == "check":
+        from fusion.k8s import check
+
+        return check.main(args.spec)
+    from fusion.k8s.values import schema_text
+
+    print(schema_text(), end="")
+    return 0
+
+
 def cmd_status(args) -> int:
     from fusion.status import format_status, status
 
@@ -188,15 +234,24 @@ def cmd_align_fixture(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from fusion.ensemble import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
     "worker": cmd_worker,
     "train": cmd_train,
+    "prepare": cmd_prepare,
+    "k8s": cmd_k8s,
     "status": cmd_status,
     "validate": cmd_validate,
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
+    "ensemble": cmd_ensemble,
 }
 
 if __name__ == "__main__":

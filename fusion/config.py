@@ -105,6 +105,13 @@ class FuseSpec(Strict):
     paper_rewards: bool = Field(
         False, description="Compare candidates as the original does: bfloat16 rewards, ties to the target."
     )
+    sources: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Names of the sources to fuse (default: all). The others still get logits and "
+        "alignments, so runs that fuse different subsets (single-source distillation, leave-one-out) "
+        "share that work and train on exactly the same blocks.",
+    )
 
 
 # DeepSpeed config keys that the train settings own; `train.deepspeed` may not set them.
@@ -231,6 +238,16 @@ class RunSpec(Strict):
     fuse: FuseSpec = FuseSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _fused_sources_exist(self):
+        known = [s.name for s in self.models.sources]
+        for name in self.fuse.sources or []:
+            if name not in known:
+                raise ValueError(f"fuse.sources: '{name}' is not a source model (sources: {', '.join(known)})")
+        if self.fuse.sources and len(set(self.fuse.sources)) != len(self.fuse.sources):
+            raise ValueError("fuse.sources: a source is named twice")
+        return self
 
     @field_validator("store")
     @classmethod

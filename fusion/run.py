@@ -37,6 +37,12 @@ class Run:
     def sources(self) -> list[ModelSpec]:
         return self.spec.models.sources
 
+    @property
+    def fused_sources(self) -> list[ModelSpec]:
+        """The sources whose distributions the fuse stage combines (fuse.sources; default all)."""
+        names = self.spec.fuse.sources
+        return self.sources if names is None else [self.model(n) for n in names]
+
     def model(self, name: str) -> ModelSpec:
         for m in self.spec.models.all():
             if m.name == name:
@@ -83,14 +89,29 @@ class Run:
         """run.json: the resolved spec, its hash and the package versions that ran it.
 
         Credentials never reach it: the spec holds none (they come from the environment)."""
-        spec = self.spec.model_dump(mode="json", by_alias=True)
         record = {
-            "spec": spec,
-            "spec_hash": fingerprint(spec),
+            "spec": self.spec.model_dump(mode="json", by_alias=True),
+            "spec_hash": self.spec_hash(),
             "store": self.store.url,
             "packages": {p: _version(p) for p in PACKAGES},
+            "outputs": self.outputs(),
         }
         self.store.write_json(RUN_RECORD, record)
+
+    def spec_hash(self) -> str:
+        return fingerprint(self.spec.model_dump(mode="json", by_alias=True))
+
+    def outputs(self) -> dict[str, dict]:
+        """Every stage output ("stage/part"): its config hash and number of shards. Recorded in
+        run.json (once the split is planned) so that a launcher can follow the run from the
+        store alone, without loading models: the Kubernetes controller does."""
+        from fusion.stages import STAGES
+
+        return {
+            f"{stage}/{part}": {"config_hash": self.hash(stage, part), "shards": module.shard_count(self, part)}
+            for stage, module in STAGES.items()
+            for part in module.parts(self)
+        }
 
     def preflight(self) -> None:
         """Cheap checks that catch bad input before any expensive work."""

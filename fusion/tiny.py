@@ -171,9 +171,10 @@ def _with_byte_pieces(tok):
 
 # ---- models -----------------------------------------------------------------------------------
 def make_model(architecture: str, vocab_size: int, hidden: int, layers: int, tokenizer, seed: int = 0):
-    """A randomly initialised causal LM of the given architecture (transformers config)."""
+    """A randomly initialised causal LM of the given architecture (transformers config):
+    "llama", "gpt_neox" or "gpt2"."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -190,6 +191,13 @@ def make_model(architecture: str, vocab_size: int, hidden: int, layers: int, tok
         config = LlamaConfig(num_key_value_heads=2, **common)
     elif architecture == "gpt_neox":
         config = GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
+    elif architecture == "gpt2":  # learned positions, LayerNorm, GELU MLP; GPT-2's own key names
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_inner=hidden * 3,
+            n_positions=common["max_position_embeddings"], bos_token_id=common["bos_token_id"],
+            eos_token_id=common["eos_token_id"], tie_word_embeddings=True,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout, like the other two
+        )
     else:
         raise ValueError(f"unknown architecture {architecture}")
     torch.manual_seed(seed)

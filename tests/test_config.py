@@ -19,6 +19,11 @@ def test_minimal_spec_gets_defaults():
     assert spec.train.lam == 0.9 and spec.align.mode == "default" and spec.logits.top_k == 10
 
 
+def test_fuse_sources_pick_a_subset():
+    spec = parse_spec({**MINIMAL, "fuse": {"sources": ["a"]}})
+    assert spec.fuse.sources == ["a"] and parse_spec(MINIMAL).fuse.sources is None
+
+
 def test_lambda_is_spelled_lambda_in_yaml():
     spec = parse_spec({**MINIMAL, "train": {"lambda": 0.5}})
     assert spec.train.lam == 0.5
@@ -35,6 +40,8 @@ def test_lambda_is_spelled_lambda_in_yaml():
         ({"models": {"target": {"name": "tgt", "path": "x"}, "sources": []}}, "key 'models.sources'"),
         ({"models": {"target": {"name": "a", "path": "x"}, "sources": [{"name": "a", "path": "y"}]}}, "repeated: a"),
         ({"name": "Has Spaces"}, "key 'name'"),
+        ({"fuse": {"sources": ["b"]}}, "fuse.sources: 'b' is not a source model"),
+        ({"fuse": {"sources": []}}, "key 'fuse.sources'"),
     ],
 )
 def test_bad_keys_are_named(patch, message):

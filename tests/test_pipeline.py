@@ -110,3 +110,22 @@ def test_sigkill_at_any_point_then_rerun_is_byte_identical(finished, micro, tmp_
     mine, theirs = committed_outputs(store), committed_outputs(reference)
     assert sorted(mine) == sorted(theirs)
     assert [name for name in mine if mine[name] != theirs[name]] == []
+
+
+def test_fusing_a_subset_of_sources_reuses_the_upstream_stages(finished, micro, tmp_path):
+    """fuse.sources: single-source distillation on the very same blocks, logits and alignments."""
+    from fusion.stages import fuse
+
+    run, store, _ = finished
+    variant = tmp_path / "single"
+    variant.mkdir()
+    for stage in ("split", "vocab", "logits", "align"):  # shared by links, as bench/replicate.py does
+        (variant / stage).symlink_to(store / stage)
+    single = Run(parse_spec(micro.spec(variant, **{"fuse.sources": ["src-neox"]})))
+    assert single.hash("align", "src-neox") == run.hash("align", "src-neox")
+    assert single.hash("fuse", fuse.PART) != run.hash("fuse", fuse.PART)
+    run_all(single, ["fuse"])
+    both, one = fuse.read(run, 0), fuse.read(single, 0)
+    assert (one["tokens"] == both["tokens"]).all()
+    assert one["choice"].max() <= 1  # the target itself or its one source
+    assert (one["counts"] != both["counts"]).any() or (one["ids"].shape != both["ids"].shape)

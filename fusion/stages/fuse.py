@@ -9,6 +9,7 @@ Stored compactly and exactly (fusion/encoding.py: row-wise log-prob deltas, the 
 id left out of its row).
 The record's attrs name the target tokenizer (its hash) and vocabulary size the ids belong to,
 so that training refuses packed data made for another target.
+`fuse.sources` picks which sources take part (default: all); choice i is the i-th of them.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ def parts(run: Run) -> list[str]:
 
 
 def inputs(run: Run, part: str) -> list[tuple[str, str]]:
-    return [("logits", run.target.name)] + [("align", s.name) for s in run.sources]
+    return [("logits", run.target.name)] + [("align", s.name) for s in run.fused_sources]
 
 
 def fingerprint(run: Run, part: str) -> dict:
     return {
         "target_logits": run.hash("logits", run.target.name),
-        "aligned": [run.hash("align", s.name) for s in run.sources],
-        "fuse": run.spec.fuse.model_dump(mode="json"),
+        "aligned": [run.hash("align", s.name) for s in run.fused_sources],  # which sources, in order
+        "fuse": run.spec.fuse.model_dump(mode="json", exclude={"sources"}),
         "format": FORMAT,
     }
 
@@ -50,7 +51,7 @@ def shard_count(run: Run, part: str) -> int:
 def run_shard(run: Run, part: str, index: int) -> None:
     spec = run.spec.fuse
     own = logits.read(run, run.target.name, index)
-    aligned = [align.read(run, s.name, index, own["tokens"]) for s in run.sources]
+    aligned = [align.read(run, s.name, index, own["tokens"]) for s in run.fused_sources]
     candidates = [SparseRows.from_topk(own["topk_ids"], own["topk_logprobs"], own["tail"])]
     candidates += [
         SparseRows(a["counts"].astype(np.int32), a["ids"].astype(np.int32), a["logprobs"].astype(np.float32), a["tail"].astype(np.float32))

@@ -89,7 +89,7 @@ def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
             flush=True,
         )
 
-    names = [run.target.name] + [s.name for s in run.sources]
+    names = [run.target.name] + [s.name for s in run.fused_sources]
     loop = range(state.step, steps)
     for step in bar(loop, desc="train", unit="step") if world.main else loop:
         started = time.perf_counter()
@@ -196,8 +196,8 @@ def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None
 
 def model_card(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> str:
     spec, log = run.spec, state.log
-    sources = "\n".join(f"- `{s.name}`: {s.path}" for s in run.sources)
-    names = [run.target.name] + [s.name for s in run.sources]
+    sources = "\n".join(f"- `{s.name}`: {s.path}" for s in run.fused_sources)
+    names = [run.target.name] + [s.name for s in run.fused_sources]
     chosen = [sum(e["choice"][i] for e in log) for i in range(len(names))]
     shares = ", ".join(f"`{n}` {c / max(1, sum(chosen)):.1%}" for n, c in zip(names, chosen))
     last = log[-1] if log else {}
@@ -206,7 +206,7 @@ def model_card(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> 
 library_name: transformers
 tags: [knowledge-fusion, fusellm]
 ---
-# {spec.name}: {run.target.name} fused with {len(run.sources)} source model(s)
+# {spec.name}: {run.target.name} fused with {len(run.fused_sources)} source model(s)
 
 Continual training of `{run.target.path}` by knowledge fusion (FuseLLM, Wan et al., ICLR 2024).
 

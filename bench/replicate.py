@@ -1,0 +1,610 @@
+"""Issue 7: does knowledge fusion work? A small, honest replication of FuseLLM on 2 CPU cores.
+
+    python bench/replicate.py                  # everything, about an hour on 2 idle cores
+    python bench/replicate.py --quick          # a smoke run of the same code (minutes)
+
+Three English domains: State of the Union addresses (prose), the Python 3.11 documentation
+(technical prose with code), both from ../shared/assets, and this Python's standard-library
+source code. Every domain is split by document into held-out text, the continual-training mix
+and a pretraining pool, so no document is in two of them.
+
+Models (transformers configs, built and trained here, real tokenizers from ../shared/assets):
+
+    name        architecture  tokenizer        pretrained on
+    src-sotu    GPT-2         GPT-2            State of the Union      (heterogeneous sources:
+    src-docs    Llama         Llama-2          Python docs              three architectures,
+    src-code    GPT-NeoX      GPT-NeoX-20B     stdlib code              three vocabularies)
+    target      Llama         Mistral-7B       a small mix of all three, briefly
+    exp-sotu    Llama         Mistral-7B       the target, then State of the Union   (experts that
+    exp-docs    Llama         Mistral-7B       the target, then Python docs          share the
+    exp-code    Llama         Mistral-7B       the target, then stdlib code          target's weights' shape)
+
+Then the target is trained on the same mix (same steps, same data, same seed per repetition)
+under every method, through the pipeline (`fusion.launch_local.run_all`):
+
+    clm                lambda = 1: continual training on the text alone
+    distill-<domain>   one source, src-<domain> (fuse.sources), MinCE between it and the target
+    mince, avgce       the three heterogeneous sources fused (default alignment)
+    mince-reference    the same with the paper's alignment (reference-soft)
+    mince-paper        the original code's whole recipe: reference-soft alignment, MinCE by mean
+                       CE per own token compared in bfloat16, top-k renormalised (no tail)
+    mince-lambda0.5    MinCE with lambda = 0.5 instead of the paper's 0.9
+    mince-experts      the three experts fused instead (they share the target's tokenizer)
+
+and compared with what needs no training: the target before, every source and expert alone,
+linear and TIES merges of the experts, and probability ensembles of the experts (one
+vocabulary, exact) and of the heterogeneous sources (through the alignment, fusion/ensemble.py).
+
+All variants share the upstream work: one store holds split, vocab, logits and align for all
+six sources; each variant's store links those folders and computes only fuse and train (the
+commit records' config hashes guarantee they are the same data). A second upstream store links
+split and logits and adds the reference-mode vocab and align.
+
+Metric: bits per byte of the held-out text of each domain (tokenizer-independent), 3 training
+seeds (data order), mean and standard deviation. Outputs: bench/results/replication.json (one
+record per method and domain), replication.png (bar chart), replication.md (the table). The
+work folder (--out, default runs/replicate) keeps models and stores, so an interrupted run
+continues where it stopped. See bench/REPLICATION.md for the results and what they mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import sys
+import sysconfig
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's `fusion`, also when run from elsewhere
+ASSETS = REPO.parent / "shared" / "assets"
+DOMAINS = ("sotu", "docs", "code")
+
+
+# ---- the scale: every size in one place ----------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    hidden: int = 128  # every model: 2 layers of width 128; the 32k-50k vocabularies dominate the cost
+    layers: int = 2
+    block_tokens: int = 128  # longest block for any tokenizer, in pretraining and in the pipeline
+    batch: int = 16  # sequences per optimizer step, everywhere
+    source_steps: int = 250  # heterogeneous sources, from scratch on their domain
+    target_steps: int = 100  # the target, from scratch on the pretraining mix
+    expert_steps: int = 100  # experts, from the target on their domain
+    pool_chars: int = 2_000_000  # per domain: what sources and experts train on
+    target_chars: int = 200_000  # per domain: the target's pretraining mix
+    mix_chars: int = 80_000  # per domain: the continual-training mix (one epoch)
+    heldout_chars: int = 30_000  # per domain: evaluation text
+    train_lr: float = 1e-3  # continual training: AdamW, 5 warm-up steps, cosine to lr / 10
+    seeds: tuple[int, ...] = (1, 2, 3)
+    top_k: int = 10  # entries per stored distribution, as in the paper
+    ensemble_top_k: int = 64  # entries per aligned row in the cross-vocabulary ensemble
+
+
+QUICK = Scale(source_steps=30, target_steps=20, expert_steps=20, pool_chars=200_000, target_chars=30_000,
+              mix_chars=12_000, heldout_chars=6_000, seeds=(1, 2))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    architecture: str
+    tokenizer: str  # asset folder
+    domains: tuple[str, ...]
+    steps: str  # which Scale field
+    init: str | None = None  # start from this model instead of random weights
+    lr: float = 3e-3
+    seed: int = 0
+
+
+RECIPES = {
+    "target": Recipe("llama", "tok-mistral-7b-v0.1", DOMAINS, "target_steps", seed=0),
+    "src-sotu": Recipe("gpt2", "tok-gpt2", ("sotu",), "source_steps", seed=1),
+    "src-docs": Recipe("llama", "tok-llama2", ("docs",), "source_steps", seed=2),
+    "src-code": Recipe("gpt_neox", "tok-gpt-neox-20b", ("code",), "source_steps", seed=3),
+    "exp-sotu": Recipe("llama", "tok-mistral-7b-v0.1", ("sotu",), "expert_steps", init="target", lr=1e-3, seed=4),
+    "exp-docs": Recipe("llama", "tok-mistral-7b-v0.1", ("docs",), "expert_steps", init="target", lr=1e-3, seed=5),
+    "exp-code": Recipe("llama", "tok-mistral-7b-v0.1", ("code",), "expert_steps", init="target", lr=1e-3, seed=6),
+}
+SOURCES = ["src-sotu", "src-docs", "src-code"]
+EXPERTS = ["exp-sotu", "exp-docs", "exp-code"]
+
+# method -> (upstream store, spec overrides); every trained method runs once per seed
+METHODS = {
+    "clm": ("default", {"train.lambda": 1.0}),
+    **{f"distill-{d}": ("default", {"fuse.sources": [f"src-{d}"]}) for d in DOMAINS},
+    "mince": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
+    "avgce": ("default", {"fuse.sources": SOURCES, "fuse.function": "avgce"}),
+    "mince-reference": ("reference", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
+    "mince-paper": ("reference", {"fuse.sources": SOURCES, "fuse.function": "mince", "fuse.metric": "ce_per_token",
+                                  "fuse.paper_rewards": True, "train.tail": "renormalize"}),
+    "mince-lambda0.5": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince", "train.lambda": 0.5}),
+    "mince-experts": ("default", {"fuse.sources": EXPERTS, "fuse.function": "mince"}),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[replicate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def documents(domain: str) -> list[tuple[str, str]]:
+    """(document id, text) of a domain, in a fixed order."""
+    if domain == "sotu":
+        folder = ASSETS / "corpus-sotu-en"
+        text = (folder / "sotu.txt").read_text(encoding="utf-8")
+        index = [json.loads(line) for line in (folder / "sotu_index.jsonl").read_text().splitlines() if line.strip()]
+        return [(r["id"], text[r["char_offset"] : r["char_offset"] + r["char_len"]]) for r in index]
+    if domain == "docs":
+        text = (ASSETS / "corpus-python311-docs-en" / "python311_docs.txt").read_text(encoding="utf-8")
+        out = []
+        for chunk in text.split("===== ")[1:]:  # each file starts with "===== <path> =====\n"
+            header, _, body = chunk.partition("\n")
+            out.append((header.removesuffix(" =====").strip(), body.strip()))
+        return out
+    if domain == "code":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "tkinter",
+                "ensurepip", "__pycache__"}
+        out = []
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if set(rel.parts[:-1]) & skip:
+                continue
+            try:
+                out.append((rel.as_posix(), path.read_text(encoding="utf-8")))
+            except (UnicodeDecodeError, OSError):
+                continue
+        return out
+    raise ValueError(domain)
+
+
+def group_of(domain: str, doc_id: str) -> str:
+    """Whole documents go to one group: 8 % held out, 12 % the continual mix, the rest the pool."""
+    u = int.from_bytes(hashlib.sha256(f"{domain}:{doc_id}".encode()).digest()[:8], "big") / 2**64
+    return "heldout" if u < 0.08 else "mix" if u < 0.20 else "pool"
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """Text cut into pieces of at most `size` characters, at a line break or a space where one is
+    in the second half of the piece."""
+    out, start = [], 0
+    while start < len(text):
+        stop = min(len(text), start + size)
+        if stop < len(text):
+            for sep in ("\n", " "):
+                at = text.rfind(sep, start + size // 2, stop)
+                if at > start:
+                    stop = at + 1
+                    break
+        piece = text[start:stop]
+        if piece.strip():
+            out.append(piece)
+        start = stop
+    return out
+
+
+def take(docs: list[str], chars: int, seed: str, size: int = 4000) -> list[str]:
+    """About `chars` characters of pieces of the documents, sampled evenly (shuffled, fixed seed)."""
+    all_pieces = [p for d in docs for p in pieces(d, size)]
+    random.Random(seed).shuffle(all_pieces)
+    out, total = [], 0
+    for p in all_pieces:
+        if total >= chars:
+            break
+        out.append(p)
+        total += len(p)
+    return out
+
+
+def prepare_data(scale: Scale) -> dict[str, dict[str, list[str]]]:
+    """Per domain: heldout, mix, target (pretraining of the target) and pool pieces."""
+    data = {}
+    for domain in DOMAINS:
+        groups = {"heldout": [], "mix": [], "pool": []}
+        for doc_id, text in documents(domain):
+            groups[group_of(domain, doc_id)].append(text)
+        data[domain] = {
+            "heldout": take(groups["heldout"], scale.heldout_chars, f"{domain}:heldout"),
+            "mix": take(groups["mix"], scale.mix_chars, f"{domain}:mix"),
+            "target": take(groups["pool"], scale.target_chars, f"{domain}:target"),
+            "pool": take(groups["pool"], scale.pool_chars, f"{domain}:pool"),
+        }
+    return data
+
+
+# ---- models ----------------------------------------------------------------------------------------
+def tokenizer(asset: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ASSETS / asset))
+
+
+def build_model(name: str, scale: Scale, data: dict, models_dir: Path) -> Path:
+    """Train model `name` once (RECIPES); a folder with a matching recipe.json is reused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusion import tiny
+
+    recipe = RECIPES[name]
+    steps = getattr(scale, recipe.steps)
+    key = {"recipe": asdict(recipe), "steps": steps, "hidden": scale.hidden, "layers": scale.layers,
+           "data": {d: getattr(scale, "target_chars" if name == "target" else "pool_chars") for d in recipe.domains},
+           "init": None if recipe.init is None else json.loads((models_dir / recipe.init / "recipe.json").read_text())}
+    folder = models_dir / name
+    if (folder / "recipe.json").exists() and json.loads((folder / "recipe.json").read_text()) == key:
+        return folder
+    started = time.perf_counter()
+    tok = tokenizer(recipe.tokenizer)
+    part = "target" if name == "target" else "pool"
+    texts = [p for d in recipe.domains for p in data[d][part]]
+    random.Random(name).shuffle(texts)
+    if recipe.init is None:
+        model = tiny.make_model(recipe.architecture, len(tok), scale.hidden, scale.layers, tok, seed=recipe.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(models_dir / recipe.init), dtype=torch.float32)
+    tiny.pretrain(model, tok, texts, steps, batch=scale.batch, lr=recipe.lr, seed=recipe.seed, progress=name)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "recipe.json").write_text(json.dumps(key, indent=1))  # written last: the model is complete
+    log(f"built {name} ({recipe.architecture}, {recipe.tokenizer}, {steps} steps) in {time.perf_counter() - started:.0f} s")
+    return folder
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+def base_spec(scale: Scale, out: Path, models: dict[str, Path]) -> dict:
+    return {
+        "name": "replicate",
+        "store": str(out / "stores" / "default"),
+        "models": {
+            "target": {"name": "target", "path": str(models["target"])},
+            "sources": [{"name": n, "path": str(models[n])} for n in SOURCES + EXPERTS],
+        },
+        "corpus": {"path": str(out / "data" / "mix.jsonl"), "domain_field": "domain", "heldout_fraction": 0.0},
+        "split": {"block_tokens": scale.block_tokens, "shard_blocks": 4096},
+        "logits": {"top_k": scale.top_k, "batch_tokens": 4096, "device": "cpu"},
+        "align": {"mode": "default"},
+        "fuse": {"function": "mince", "level": "sequence", "metric": "nll_per_byte", "top_k": scale.top_k},
+        "train": {"lambda": 0.9, "epochs": 1, "batch_size": scale.batch, "lr": scale.train_lr, "warmup_steps": 5,
+                  "min_lr_ratio": 0.1, "checkpoint_every": 10_000},
+    }
+
+
+def with_overrides(spec: dict, overrides: dict) -> dict:
+    spec = json.loads(json.dumps(spec))
+    for key, value in overrides.items():
+        node = spec
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec
+
+
+def make_run(spec: dict, tokenizers: dict | None = None):
+    from fusion.config import parse_spec
+    from fusion.run import Run
+
+    run = Run(parse_spec(spec))
+    if tokenizers is not None:
+        run.__dict__["tokenizers"] = tokenizers  # Run.tokenizers is a cached_property: load them once
+    return run
+
+
+def link_upstream(store: Path, upstream: Path, stages: list[str]) -> None:
+    """A store that shares `stages` of another by symbolic links (their records carry the config
+    hashes, so a mismatch is an error, never silent reuse)."""
+    store.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        link = store / stage
+        if not link.exists():
+            link.symlink_to(os.path.relpath(upstream / stage, store))
+
+
+def upstream(spec: dict, out: Path, tokenizers: dict) -> None:
+    """split, vocab, logits, align for all sources (default mode), then vocab and align in
+    reference mode in a second store that links split and logits."""
+    from fusion.launch_local import run_all
+
+    run_all(make_run(spec, tokenizers), ["split", "vocab", "logits", "align"])
+    ref = out / "stores" / "reference"
+    link_upstream(ref, out / "stores" / "default", ["split", "logits"])
+    run_all(make_run(with_overrides(spec, {"store": str(ref), "align.mode": "reference-soft"}), tokenizers),
+            ["split", "vocab", "logits", "align"])
+
+
+def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dict) -> Path:
+    """fuse + train of one method and seed in its own store; returns the trained model folder."""
+    from fusion.launch_local import run_all
+    from fusion.stages import train
+
+    where, overrides = METHODS[method]
+    store = out / "stores" / "variants" / f"{method}-s{seed}"
+    link_upstream(store, out / "stores" / where, ["split", "vocab", "logits", "align"])
+    variant = with_overrides(spec, {**overrides, "store": str(store), "train.seed": seed,
+                                    "align.mode": "reference-soft" if where == "reference" else "default"})
+    run = make_run(variant, tokenizers)
+    run_all(run, ["fuse", "train"])
+    return train.model_folder(run, store / "scratch")
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+def heldout_blocks(data: dict, scale: Scale, tokenizers: list) -> dict[str, list[str]]:
+    """Held-out text per domain as blocks that every tokenizer turns into at most block_tokens."""
+    from fusion.stages.split import split_text
+
+    return {d: [b for p in data[d]["heldout"] for b in split_text(p, tokenizers, scale.block_tokens)] for d in DOMAINS}
+
+
+def evaluate(folders: list[Path], blocks: dict[str, list[str]], scale: Scale, cache: Path, weights=None) -> dict:
+    """Bits per byte per domain of a model (one folder) or of an ensemble (several; the first is
+    the base where vocabularies differ). Results are cached by the models' weights files."""
+    from fusion.ensemble import bits_per_byte, load_member, score_texts
+
+    ident = hashlib.sha256()
+    for f in folders:
+        ident.update(f.name.encode() + (f / "model.safetensors").read_bytes())
+    ident.update(json.dumps([weights, scale.ensemble_top_k, {d: len(b) for d, b in blocks.items()}]).encode())
+    path = cache / f"{ident.hexdigest()[:24]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    weights = weights or [1.0] * len(folders)
+    members = [load_member(f, weight=w) for f, w in zip(folders, weights)]
+    result = {}
+    for d, texts in blocks.items():
+        nll = score_texts(members, texts, top_k=scale.ensemble_top_k, batch_tokens=2048)
+        result[d] = bits_per_byte(nll, texts)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def merges(models: dict[str, Path], out: Path) -> dict[str, Path]:
+    from fusion.merging import merge_folders
+
+    folders = {}
+    experts = [models[n] for n in EXPERTS]
+    for method, kwargs in {"merge-linear": {}, "merge-ties": {"base": models["target"], "density": 0.2}}.items():
+        folder = out / "models" / method
+        key = hashlib.sha256(b"".join((f / "recipe.json").read_bytes() for f in experts)).hexdigest() + repr(kwargs)
+        if not (folder / "key.txt").exists() or (folder / "key.txt").read_text() != key:
+            merge_folders(experts, folder, method.removeprefix("merge-"), **kwargs)
+            (folder / "key.txt").write_text(key)
+        folders[method] = folder
+    return folders
+
+
+# ---- report ----------------------------------------------------------------------------------------
+GROUPS = [  # (method, kind, description), in the report's order
+    ("target", "model", "the target before continual training"),
+    ("clm", "trained", "continual training, CLM only (lambda = 1)"),
+    *[(f"distill-{d}", "trained", f"single-source distillation from src-{d}") for d in DOMAINS],
+    ("mince", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, default alignment"),
+    ("avgce", "trained", "FuseLLM, AvgCE, 3 heterogeneous sources, default alignment"),
+    ("mince-reference", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, the paper's alignment (reference-soft)"),
+    ("mince-paper", "trained", ("the original recipe: reference-soft alignment, CE per own token in bf16, "
+                                "top-k renormalised")),
+    ("mince-lambda0.5", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, lambda = 0.5"),
+    ("mince-experts", "trained", "FuseLLM, MinCE, the 3 experts (same tokenizer as the target)"),
+    *[(n, "model", f"source alone ({RECIPES[n].architecture}, {RECIPES[n].tokenizer})") for n in SOURCES],
+    *[(n, "model", "expert alone (the target fine-tuned on one domain)") for n in EXPERTS],
+    ("merge-linear", "merge", "linear merge (uniform average) of the 3 experts"),
+    ("merge-ties", "merge", "TIES merge of the 3 experts (density 0.2, scale 1)"),
+    ("ensemble-experts", "ensemble", "probability ensemble of the 3 experts (one vocabulary, exact)"),
+    ("ensemble-sources", "ensemble", "probability ensemble of the 3 sources on src-docs tokens (aligned, top-64)"),
+]
+
+
+def records(values: dict[str, list[dict]]) -> list[dict]:
+    """One record per method and domain ("mean": the mean of the three domains): mean and
+    standard deviation over seeds, and for trained methods the paired difference from CLM only
+    (same seed, same data order), which cancels most of the seed-to-seed variation."""
+    import numpy as np
+
+    def per_run(run: dict, domain: str) -> float:
+        return run[domain] if domain != "mean" else float(np.mean([run[d] for d in DOMAINS]))
+
+    def std(xs) -> float:
+        return round(float(np.std(xs, ddof=1)), 5) if len(xs) > 1 else 0.0
+
+    out = []
+    kinds = {m: (k, desc) for m, k, desc in GROUPS}
+    for method, runs in values.items():
+        for domain in (*DOMAINS, "mean"):
+            xs = [per_run(r, domain) for r in runs]
+            rec = {"method": method, "kind": kinds[method][0], "description": kinds[method][1], "domain": domain,
+                   "bits_per_byte": round(float(np.mean(xs)), 5), "std": std(xs), "n": len(xs),
+                   "values": [round(x, 5) for x in xs]}
+            if kinds[method][0] == "trained" and method != "clm" and len(runs) == len(values["clm"]):
+                deltas = [x - per_run(c, domain) for x, c in zip(xs, values["clm"])]
+                rec.update(delta_vs_clm=round(float(np.mean(deltas)), 5), delta_std=std(deltas))
+            out.append(rec)
+    return out
+
+
+def table(recs: list[dict]) -> str:
+    """The results as a markdown table: bits per byte, and the paired difference from CLM."""
+    by = {(r["method"], r["domain"]): r for r in recs}
+    methods = [m for m, _, _ in GROUPS if (m, "mean") in by]
+    cols = (*DOMAINS, "mean")
+    lines = ["| method | " + " | ".join(cols) + " | Δ mean vs CLM (paired) | n |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for m in methods:
+        cells = []
+        for d in cols:
+            r = by[(m, d)]
+            cells.append(f"{r['bits_per_byte']:.3f} ± {r['std']:.3f}" if r["n"] > 1 else f"{r['bits_per_byte']:.3f}")
+        r = by[(m, "mean")]
+        delta = f"{r['delta_vs_clm']:+.4f} ± {r['delta_std']:.4f}" if "delta_vs_clm" in r else ""
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {delta} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def plot(recs: list[dict], path: Path, title: str) -> None:
+    """Top: bits per byte of every method per domain (off-scale bars are labelled). Bottom: the
+    trained methods' paired difference from CLM only (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by = {(r["method"], r["domain"]): r for r in recs}
+    methods = [m for m, _, _ in GROUPS if (m, "mean") in by]
+    trained = [m for m in methods if "delta_vs_clm" in by[(m, "mean")]]
+    colours = {"model": "#999999", "trained": "#1f77b4", "merge": "#2ca02c", "ensemble": "#d62728"}
+    fig, axes = plt.subplots(2, 4, figsize=(18, 10), gridspec_kw={"height_ratios": [len(methods), len(trained) + 2]})
+    for col, domain in enumerate((*DOMAINS, "mean")):
+        ax = axes[0, col]
+        ys = np.array([by[(m, domain)]["bits_per_byte"] for m in methods])
+        errs = [by[(m, domain)]["std"] for m in methods]
+        x = np.arange(len(methods))
+        ax.barh(x, ys, xerr=errs, color=[colours[by[(m, domain)]["kind"]] for m in methods])
+        ax.set_yticks(x, methods if col == 0 else [""] * len(methods), fontsize=8)
+        ax.invert_yaxis()
+        ref = by[("clm", domain)]["bits_per_byte"]
+        ax.axvline(ref, color="black", lw=0.8, ls="--")
+        lo, hi = ys.min() - 0.05, ref + 0.35
+        ax.set_xlim(lo, hi)
+        for i, y in enumerate(ys):
+            if y > hi:
+                ax.text(hi, i, f"{y:.2f} ", ha="right", va="center", fontsize=7, color="white")
+        ax.set_title(f"{domain}: bits per byte (lower is better)", fontsize=10)
+        ax = axes[1, col]
+        ds = [by[(m, domain)]["delta_vs_clm"] for m in trained]
+        es = [by[(m, domain)]["delta_std"] for m in trained]
+        x = np.arange(len(trained))
+        ax.barh(x, ds, xerr=es, color=["#1f77b4" if d < 0 else "#ff7f0e" for d in ds])
+        ax.set_yticks(x, trained if col == 0 else [""] * len(trained), fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{domain}: difference from CLM only, same seed", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def mix_blocks(spec: dict) -> int:
+    from fusion import shards
+    from fusion.stages import split
+
+    run = make_run(spec)
+    return sum(shards.read_record(run.store, "split", "train", i)["rows"] for i in range(split.shard_count(run, "train")))
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "runs" / "replicate"), help="work folder: data, models, stores")
+    parser.add_argument("--report", default=str(REPO / "bench" / "results"), help="where the report files go")
+    parser.add_argument("--quick", action="store_true", help="a smoke run at a tiny scale (work folder <out>-quick)")
+    args = parser.parse_args(argv)
+    if not ASSETS.is_dir():
+        print(f"replicate: {ASSETS} is not present; this experiment needs the shared assets", file=sys.stderr)
+        return 2
+    scale = QUICK if args.quick else Scale()
+    out = Path(args.out + ("-quick" if args.quick else "")).resolve()
+    report_dir = Path(args.report)
+    stem = "replication-quick" if args.quick else "replication"
+    started, cpu0, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()
+    phases: dict[str, dict] = {}
+
+    @contextmanager
+    def phase(name: str):
+        """Wall and CPU seconds (this process and its children) of a phase of the run."""
+        wall0, cpu_0 = time.perf_counter(), cpu_seconds()
+        yield
+        phases[name] = {"wall_s": round(time.perf_counter() - wall0, 1), "cpu_s": round(cpu_seconds() - cpu_0, 1),
+                        "load_average_end": round(os.getloadavg()[0], 2)}
+        log(f"{name}: {phases[name]['wall_s']:.0f} s wall, {phases[name]['cpu_s']:.0f} s CPU")
+
+    import torch
+
+    log(f"scale {asdict(scale)}; torch threads {torch.get_num_threads()}; load {load0[0]:.1f}; work folder {out}")
+    with phase("data"):
+        data = prepare_data(scale)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        with open(out / "data" / "mix.jsonl", "w") as f:
+            for domain in DOMAINS:
+                for text in data[domain]["mix"]:
+                    f.write(json.dumps({"text": text, "domain": domain}) + "\n")
+
+    with phase("pretraining"):
+        models = {name: build_model(name, scale, data, out / "models") for name in RECIPES}
+
+    spec = base_spec(scale, out, models)
+    tokenizers = make_run(spec).tokenizers
+    with phase("upstream: split, vocab, logits, align (default and reference)"):
+        upstream(spec, out, tokenizers)
+
+    blocks = heldout_blocks(data, scale, list(tokenizers.values()))
+    cache = out / "eval-cache"
+    values: dict[str, list[dict]] = {}
+    with phase("continual training (fuse, train) and evaluation"):
+        for method in METHODS:
+            for seed in scale.seeds:
+                t = time.perf_counter()
+                folder = train_variant(spec, out, method, seed, tokenizers)
+                values.setdefault(method, []).append(evaluate([folder], blocks, scale, cache))
+                shown = ", ".join(f"{d} {v:.4f}" for d, v in values[method][-1].items())
+                log(f"{method} seed {seed}: {shown} ({time.perf_counter() - t:.0f} s)")
+
+    with phase("baselines: models alone, merges, ensembles"):
+        for name in ["target", *SOURCES, *EXPERTS]:
+            values[name] = [evaluate([models[name]], blocks, scale, cache)]
+        for method, folder in merges(models, out).items():
+            values[method] = [evaluate([folder], blocks, scale, cache)]
+        values["ensemble-experts"] = [evaluate([models[n] for n in EXPERTS], blocks, scale, cache)]
+        order = ["src-docs", "src-sotu", "src-code"]  # the base first: Llama-2 tokens, like the target's family
+        values["ensemble-sources"] = [evaluate([models[n] for n in order], blocks, scale, cache)]
+
+    recs = records(values)
+    wall, cpu, load1 = time.perf_counter() - started, cpu_seconds() - cpu0, os.getloadavg()
+    heldout_bytes = {d: sum(len(b.encode("utf-8")) for b in blocks[d]) for d in DOMAINS}
+    report = {
+        "experiment": "FuseLLM replication at toy scale (issue 7); see bench/REPLICATION.md",
+        "command": "python bench/replicate.py" + (" --quick" if args.quick else ""),
+        "scale": asdict(scale),
+        "models": {n: {"architecture": r.architecture, "tokenizer": r.tokenizer, "trained_on": list(r.domains),
+                       "init": r.init, "steps": getattr(scale, r.steps)} for n, r in RECIPES.items()},
+        "methods": {m: {"upstream": w, "overrides": o} for m, (w, o) in METHODS.items()},
+        "data": {"mix_pieces": {d: len(data[d]["mix"]) for d in DOMAINS}, "mix_blocks": mix_blocks(spec),
+                 "heldout_blocks": {d: len(b) for d, b in blocks.items()}, "heldout_bytes": heldout_bytes,
+                 "python": sys.version.split()[0]},
+        "timing": {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "cores": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "load_average_start": [round(x, 2) for x in load0],
+                   "load_average_end": [round(x, 2) for x in load1], "phases": phases,
+                   "note": "a rerun skips models, stores and evaluations that exist; time a fresh --out"},
+        "results": recs,
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (report_dir / f"{stem}.md").write_text(table(recs) + "\n")
+    plot(recs, report_dir / f"{stem}.png",
+         f"FuseLLM at toy scale: held-out bits per byte, mean ± std over {len(scale.seeds)} seeds (dashed: CLM only)")
+    print(table(recs))
+    log(f"done in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU, load average {load0[0]:.1f} -> {load1[0]:.1f}; "
+        f"report in {report_dir / stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

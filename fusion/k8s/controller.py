@@ -1,0 +1,364 @@
+"""The controller of a fusion run on Kubernetes.
+
+It runs as a Job beside the run (helm/fusion/templates/controller.yaml) and creates each
+stage's workload, rendered by Helm into the run's ConfigMap, once the stage's inputs are
+committed in the store. So no workload exists before it can start, and no GPU workload holds
+nodes while upstream work runs: a training job is created when the packed data is committed,
+not when alignment starts. The order comes from the data (each stage module's `inputs()` and
+the commit records), never from a fixed sequence.
+
+Every pass (each --poll-seconds) derives everything from the store and the API:
+
+  1. prepare, the first workload, checks the spec, models and corpus, plans the shards and
+     writes run.json with every output's config hash and shard count. It runs once per
+     install, so run.json always describes the spec being installed.
+  2. every other workload whose outputs are not all committed:
+     - no object yet, and all its inputs committed: create it (an Indexed Job gets
+       completions = the planned shards), owned by the controller's Job, so that
+       `helm uninstall` removes it;
+     - its object succeeded: commit its parts (_COMMITTED.json, written after checking that
+       every shard has its record);
+     - its object failed: the run fails (exit code 3), naming the workload.
+  3. once every output is committed: print the run's status and exit 0.
+
+A restarted controller continues where it was; installing the same run again resumes from
+the store (stage code skips committed shards). A committed output whose config hash differs
+from this spec's is an error, never reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from fusion import shards
+from fusion.config import load_spec
+from fusion.errors import FusionError
+from fusion.run import RUN_RECORD, Run
+
+STAGE_LABEL = "fusion.dev/stage"
+PART_LABEL = "fusion.dev/part"
+COMPLETIONS_FROM = "fusion.dev/completions-from"
+PREPARE = "prepare"
+
+# kind -> (group, version, plural): everything the controller touches is namespaced.
+RESOURCES = {
+    "Job": ("batch", "v1", "jobs"),
+    "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+}
+SUCCEEDED = {"Job": "Complete", "PyTorchJob": "Succeeded"}
+MAX_WORKER_RESTARTS = 3
+FAILED = "Failed"
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"[controller {stamp}] {message}", flush=True)
+
+
+# ---- the Kubernetes API ------------------------------------------------------------------------
+class Kube:
+    """The few calls the controller makes, on plain dicts (no client models: they reject
+    integer quantities and drop fields they do not know)."""
+
+    def __init__(self, namespace: str):
+        from kubernetes import client, config
+
+        settings = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=settings)  # the pod's service account
+        except config.ConfigException:  # outside a cluster: $KUBECONFIG or ~/.kube/config
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=settings)
+        self.namespace = namespace
+        self.api = client.CustomObjectsApi(client.ApiClient(settings))
+        self.ApiException = client.ApiException
+
+    def _call(self, kind: str, verb: str, *args, **kwargs):
+        group, version, plural = RESOURCES[kind]
+        method = getattr(self.api, f"{verb}_namespaced_custom_object")
+        return method(group, version, self.namespace, plural, *args, **kwargs)
+
+    def get(self, kind: str, name: str) -> dict | None:
+        try:
+            return self._call(kind, "get", name)
+        except self.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create(self, obj: dict) -> None:
+        try:
+            self._call(obj["kind"], "create", obj)
+        except self.ApiException as e:
+            if e.status == 404 and obj["kind"] == "PyTorchJob":
+                raise FusionError(
+                    "this cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training "
+                    "operator v1.9.0 (k8s/README.md)"
+                ) from None
+            if e.status in (400, 403, 422):
+                raise FusionError(f"cannot create {obj['kind']} {obj['metadata']['name']}: {e.status} {e.reason}: {e.body}") from None
+            raise
+
+    def delete(self, kind: str, name: str) -> None:
+        try:
+            self._call(kind, "delete", name, body={"propagationPolicy": "Background"})
+        except self.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def condition(obj: dict, kind: str) -> dict | None:
+    """The object's condition of that type, if it is true."""
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+# ---- workloads ----------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """One stage workload from the chart's workloads.yaml."""
+
+    manifest: dict
+    outputs: list[tuple[str, str]]  # (stage, part) it writes
+    inputs: list[tuple[str, str]]  # (stage, part) it reads; it starts once they are committed
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["metadata"]["labels"][STAGE_LABEL]
+
+    @property
+    def indexed(self) -> bool:
+        return (self.manifest["metadata"].get("annotations") or {}).get(COMPLETIONS_FROM) == "split-plan"
+
+    @property
+    def work_queue(self) -> bool:
+        """Workers that claim shards by lease: a Job with parallelism but no completions."""
+        return self.kind == "Job" and "completions" not in self.manifest["spec"]
+
+
+def load_workloads(path: Path, run: Run) -> list[Workload]:
+    """The workloads of the chart, prepare first; inputs and outputs from the stage code."""
+    from fusion.stages import STAGES
+
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
+    except (OSError, yaml.YAMLError) as e:
+        raise FusionError(f"{path}: cannot read the workloads ({e})") from None
+    out = []
+    for manifest in docs:
+        labels = manifest.get("metadata", {}).get("labels", {})
+        stage = labels.get(STAGE_LABEL)
+        if manifest.get("kind") not in RESOURCES or stage is None:
+            raise FusionError(f"{path}: {manifest.get('kind')} {manifest.get('metadata', {}).get('name')} is no stage workload")
+        if stage == PREPARE:
+            out.insert(0, Workload(manifest, [], []))
+            continue
+        if stage not in STAGES:
+            raise FusionError(f"{path}: unknown stage {stage!r} in {manifest['metadata']['name']}")
+        module = STAGES[stage]
+        parts = [labels[PART_LABEL]] if PART_LABEL in labels else module.parts(run)
+        outputs = [(stage, p) for p in parts]
+        inputs = []
+        for p in parts:
+            inputs += [i for i in module.inputs(run, p) if i not in outputs and i not in inputs]
+        out.append(Workload(manifest, outputs, inputs))
+    if not out or out[0].stage != PREPARE:
+        raise FusionError(f"{path}: no prepare workload")
+    return out
+
+
+# ---- the controller -----------------------------------------------------------------------------
+class Controller:
+    def __init__(self, run: Run, workloads: list[Workload], kube: Kube, job_name: str):
+        self.run = run
+        self.store = run.store
+        self.workloads = workloads
+        self.kube = kube
+        self.job_name = job_name
+        self.owner: dict | None = None
+        self.outputs: dict[str, dict] | None = None  # from run.json, once prepare is done
+        self.committed: set[str] = set()
+        self.restarts: dict[str, int] = {}  # work-queue Jobs started again
+
+    # -- ownership: everything the controller creates goes away with its Job ------------------
+    def owner_reference(self) -> dict:
+        if self.owner is None:
+            job = self.kube.get("Job", self.job_name)
+            if job is None:
+                raise FusionError(f"the controller's own Job {self.job_name} does not exist")
+            self.owner = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": job["metadata"]["name"],
+                "uid": job["metadata"]["uid"],
+            }
+        return self.owner
+
+    def mine(self, obj: dict) -> bool:
+        uid = self.owner_reference()["uid"]
+        return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+    def current(self, w: Workload) -> tuple[dict | None, bool]:
+        """The workload's object if this controller created it, and whether it may be created
+        now. A leftover of an earlier install (an uninstall that orphaned it) is deleted first."""
+        obj = self.kube.get(w.kind, w.name)
+        if obj is None or self.mine(obj):
+            return obj, obj is None
+        if not obj["metadata"].get("deletionTimestamp"):
+            log(f"deleting {w.kind} {w.name}: left over from an earlier install")
+            self.kube.delete(w.kind, w.name)
+        return None, self.kube.get(w.kind, w.name) is None  # still going away: a later pass creates it
+
+    # -- the store --------------------------------------------------------------------------
+    def is_committed(self, stage: str, part: str) -> bool:
+        key = f"{stage}/{part}"
+        if key in self.committed:
+            return True
+        want = self.outputs[key]["config_hash"]
+        if not shards.is_part_committed(self.store, stage, part, want):
+            return False
+        self.committed.add(key)
+        return True
+
+    def read_run_record(self) -> dict[str, dict]:
+        record = self.store.read_json(RUN_RECORD)
+        if record is None or "outputs" not in record:
+            raise FusionError(f"{self.store.uri(RUN_RECORD)}: prepare succeeded but wrote no run record with outputs")
+        if record.get("spec_hash") != self.run.spec_hash():
+            raise FusionError(
+                f"{self.store.uri(RUN_RECORD)} describes another run spec (spec hash {record.get('spec_hash')}, "
+                f"this one's is {self.run.spec_hash()}): is another install writing to the same store?"
+            )
+        return record["outputs"]
+
+    # -- one workload ------------------------------------------------------------------------
+    def create(self, w: Workload) -> None:
+        obj = copy.deepcopy(w.manifest)
+        obj["metadata"]["namespace"] = self.kube.namespace
+        obj["metadata"]["ownerReferences"] = [self.owner_reference()]
+        what = w.kind
+        if w.indexed:
+            n = self.outputs[f"{w.outputs[0][0]}/{w.outputs[0][1]}"]["shards"]
+            obj["spec"]["completions"] = n
+            obj["spec"]["parallelism"] = min(n, obj["spec"].get("parallelism", n))
+            what = f"Indexed Job, {n} shard(s), {obj['spec']['parallelism']} at once"
+        elif w.kind == "Job" and "completions" not in obj["spec"]:
+            what = f"Job of {obj['spec'].get('parallelism', 1)} worker(s)"
+        self.kube.create(obj)
+        after = ", ".join(f"{s}/{p}" for s, p in w.inputs) or "the plan"
+        log(f"created {w.name} ({what}) after {after}")
+
+    def commit(self, w: Workload) -> None:
+        """A workload succeeded: commit its parts, which checks every shard's record.
+
+        Workers exit once no shard is left to claim; if one of them was lost after the others
+        had exited, its shard is still uncommitted when the Job completes (a Job whose pod
+        succeeded starts no new pods). Then the workers are started again, a few times at most."""
+        if w.work_queue:
+            missing = [
+                f"{stage}/{part}/{shards.shard_name(i)}"
+                for stage, part in w.outputs
+                for i in range(self.outputs[f"{stage}/{part}"]["shards"])
+                if shards.read_record(self.store, stage, part, i) is None
+            ]
+            if missing:
+                self.restarts[w.name] = self.restarts.get(w.name, 0) + 1
+                if self.restarts[w.name] > MAX_WORKER_RESTARTS:
+                    raise FusionError(f"{w.name}: its workers finished {MAX_WORKER_RESTARTS + 1} times with shards left: {missing[:3]}")
+                log(f"{w.name} finished with {len(missing)} shard(s) left ({missing[0]}...): starting its workers again")
+                self.kube.delete(w.kind, w.name)
+                return
+        for stage, part in w.outputs:
+            key = f"{stage}/{part}"
+            shards.commit_part(self.store, stage, part, self.outputs[key]["shards"], self.outputs[key]["config_hash"])
+            self.committed.add(key)
+            log(f"committed {key} ({self.outputs[key]['shards']} shard(s)) from {w.name}")
+
+    def follow(self, w: Workload) -> bool:
+        """Create the workload if it does not exist; True once it succeeded."""
+        obj, creatable = self.current(w)
+        if obj is None:
+            if creatable:
+                self.create(w)
+            return False
+        failed = condition(obj, FAILED)
+        if failed is not None:
+            pods = f"training.kubeflow.org/job-name={w.name}" if w.kind == "PyTorchJob" else f"job-name={w.name}"
+            raise FusionError(
+                f"{w.kind} {w.name} failed ({failed.get('reason')}: {failed.get('message')}); see "
+                f"`kubectl logs -l {pods}`, fix the cause, then install the run again to resume"
+            )
+        return condition(obj, SUCCEEDED[w.kind]) is not None
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One pass; True once every output of the run is committed."""
+        if self.outputs is None:
+            if not self.follow(self.workloads[0]):
+                return False
+            self.outputs = self.read_run_record()
+            log(f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
+        done = True
+        for w in self.workloads[1:]:
+            if all(self.is_committed(s, p) for s, p in w.outputs):
+                continue
+            done = False
+            if not all(self.is_committed(s, p) for s, p in w.inputs):
+                continue
+            if self.follow(w):
+                self.commit(w)
+        return done
+
+    def loop(self, poll_seconds: float) -> None:
+        log(f"run {self.run.spec.name}: {len(self.workloads)} workloads, store {self.store.url}")
+        while True:
+            try:
+                if self.step():
+                    log("every stage output is committed: the run is complete")
+                    return
+            except (FusionError, PermissionError):
+                raise
+            except self.kube.ApiException as e:
+                if e.status in (401, 403):
+                    raise FusionError(f"the Kubernetes API refused the controller: {e.status} {e.reason}") from None
+                log(f"Kubernetes API error, retrying: {e.status} {e.reason}")
+            except OSError as e:  # the API server or the store is unreachable for a moment
+                log(f"retrying after {type(e).__name__}: {e}")
+            time.sleep(poll_seconds)
+
+
+def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | None, poll_seconds: float) -> int:
+    from fusion.status import format_status, status
+
+    run = Run(load_spec(spec_path))
+    namespace = namespace or _pod_namespace()
+    controller = Controller(run, load_workloads(Path(workloads_path), run), Kube(namespace), job_name)
+    controller.loop(poll_seconds)
+    print(format_status(status(run.store.url)), flush=True)
+    return 0
+
+
+def _pod_namespace() -> str:
+    """The namespace the controller runs in (the chart passes POD_NAMESPACE)."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if path.exists():
+        return path.read_text().strip()
+    raise FusionError("the controller's namespace is unknown: pass --namespace or set POD_NAMESPACE")

@@ -1,0 +1,102 @@
+"""k8s/: what a cluster needs first, valid for Kubernetes 1.29-1.34 and consistent with the chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusion.k8s.values import ChartValues
+from tests.helmchart import CHART, IMAGES, KUBE_VERSIONS, lint, merge_values, render, restricted_violations, validate_kubernetes, values_file
+
+K8S = Path(__file__).resolve().parents[1] / "k8s"
+MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "values-local.yaml")
+KUEUE = "kueue.x-k8s.io/v1beta1"  # a CRD: no schema here; checked for shape below
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def everything() -> list[dict]:
+    return [d for p in MANIFESTS for d in documents(p)]
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_cluster_manifests_are_valid_kubernetes(version):
+    checked = set()
+    for obj in everything():
+        if obj["apiVersion"] == KUEUE:
+            continue
+        validate_kubernetes(obj, version)
+        checked.add(obj["kind"])
+    assert checked == {"Namespace", "Role", "RoleBinding", "Secret", "Deployment", "Service", "Job"}
+
+
+def test_kueue_queues_are_what_the_chart_refers_to():
+    kinds = {d["kind"]: d for d in documents(K8S / "kueue.yaml")}
+    assert set(kinds) == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
+    local = kinds["LocalQueue"]
+    assert local["metadata"]["namespace"] == "fusion" and local["spec"]["clusterQueue"] == kinds["ClusterQueue"]["metadata"]["name"]
+    flavors = {f["name"] for g in kinds["ClusterQueue"]["spec"]["resourceGroups"] for f in g["flavors"]}
+    assert flavors == {kinds["ResourceFlavor"]["metadata"]["name"]}
+    r = render(values_file(CHART.parents[1] / "jobs/tiny.yaml"), IMAGES, {"store": "s3://runs/tiny", "cluster": {"kueue": {"queueName": local["metadata"]["name"]}}})
+    assert all(w["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "fusion" for w in r.workloads)
+
+
+def test_the_namespace_enforces_the_restricted_standard():
+    (ns,) = documents(K8S / "namespace.yaml")
+    assert ns["metadata"]["name"] == "fusion"
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_minio_pods_are_restricted_and_pinned():
+    for obj in documents(K8S / "minio.yaml"):
+        if obj["kind"] in ("Deployment", "Job"):
+            pod = obj["spec"]["template"]["spec"]
+            assert restricted_violations(pod) == [], obj["metadata"]["name"]
+            for c in pod["containers"]:
+                assert "@sha256:" in c["image"]
+
+
+def test_the_local_setup_fits_together():
+    secret = documents(K8S / "s3-secret.example.yaml")[0]
+    minio_root = next(d for d in documents(K8S / "minio.yaml") if d["kind"] == "Secret")
+    chart_s3 = yaml.safe_load((CHART / "values.yaml").read_text())["cluster"]["s3"]
+    assert secret["stringData"][chart_s3["accessKeyIdKey"]] == minio_root["stringData"]["MINIO_ROOT_USER"]
+    assert secret["stringData"][chart_s3["secretAccessKeyKey"]] == minio_root["stringData"]["MINIO_ROOT_PASSWORD"]
+    local = values_file(K8S / "values-local.yaml")
+    assert local["cluster"]["s3"]["secretName"] == secret["metadata"]["name"]
+    tiny = values_file(CHART.parents[1] / "jobs/tiny.yaml")
+    on_minio = {"store": "s3://runs/tiny", **IMAGES_FOR_LOCAL}
+    ChartValues.model_validate(merge_values(tiny, local, on_minio))
+    assert lint(tiny, local, on_minio) == []
+    r = render(tiny, local, on_minio)
+    assert all("k3d-fusion-registry.localhost:5050/" in c["image"] for w in r.workloads for t in _templates(w) for c in t["spec"]["containers"])
+    assert "s3://runs/tiny" in (K8S / "README.md").read_text()
+
+
+IMAGES_FOR_LOCAL = {"cluster": {"image": {k: {"digest": v["digest"]} for k, v in IMAGES["cluster"]["image"].items()}}}
+
+
+def _templates(obj):
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    return [obj["spec"]["template"]]
+
+
+def test_installers_may_grant_what_the_controller_gets():
+    """RBAC forbids granting permissions one does not hold: the installer Role must cover the chart's."""
+    installer = next(d for d in documents(K8S / "installer-rbac.yaml") if d["kind"] == "Role")
+    r = render(values_file(CHART.parents[1] / "jobs/tiny.yaml"), IMAGES, {"store": "s3://runs/tiny"})
+    held = {(g, res, v) for rule in installer["rules"] for g in rule["apiGroups"] for res in rule["resources"] for v in rule["verbs"]}
+    for rule in r.get("Role", "tiny-controller")["rules"]:
+        for g in rule["apiGroups"]:
+            for res in rule["resources"]:
+                for v in rule["verbs"]:
+                    assert (g, res, v) in held, (g, res, v)
+    kinds = {(o["apiVersion"].split("/")[0] if "/" in o["apiVersion"] else "", o["kind"]) for o in r.objects}
+    plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs", "Pod": "pods"}
+    for group, kind in kinds:
+        assert (group, plural[kind], "create") in held, kind

@@ -1,0 +1,204 @@
+"""`helm install` of a whole micro run on a simulated cluster (tests/k8s_sim.py): the Helm-
+rendered objects are applied to kmock's API emulator on 127.0.0.1, every pod runs as a local
+process against moto's S3 server on 127.0.0.1, and the run completes in the order of its data:
+no workload exists before its inputs are committed. Mid-run, the alignment workers are scaled
+1 -> 3 -> 2 and one is killed, and still every shard is committed exactly once. Then
+`helm uninstall` removes everything the run created, and installing again resumes from the
+store without recomputing anything."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import kmock
+import pytest
+
+from fusion.config import TrainSpec
+from tests.helmchart import IMAGES, merge_values, render
+from tests.k8s_sim import ApiServer, Cluster, s3_server, secret, timeline, until
+
+RELEASE = "micro"
+NAMESPACE = "fusion"
+BUCKET = "runs"
+SOURCES = ["src-llama", "src-neox"]
+MODELS = ["target", *SOURCES]
+
+
+pytestmark = pytest.mark.asyncio
+
+# What each workload reads: written out here, independently of the stage code, from DESIGN.md §2.
+INPUTS = {
+    f"{RELEASE}-prepare": [],
+    f"{RELEASE}-split": [],
+    **{f"{RELEASE}-vocab-{s}": [] for s in SOURCES},
+    **{f"{RELEASE}-logits-{m}": ["split/train"] for m in MODELS},
+    **{f"{RELEASE}-align-{s}": ["split/train", "logits/target", f"logits/{s}", f"vocab/{s}"] for s in SOURCES},
+    f"{RELEASE}-fuse": ["logits/target", *(f"align/{s}" for s in SOURCES)],
+    f"{RELEASE}-train": ["fuse/train"],
+    f"{RELEASE}-eval": ["split/heldout", "train/model"],
+}
+
+
+@pytest.fixture
+def s3():
+    """moto's S3 server, a versioned bucket (to count how often each object was written)."""
+    with s3_server(BUCKET, versioned=True) as server:
+        yield server
+
+
+def committed(client, prefix: str = "micro/") -> set[str]:
+    """The committed parts ("stage/part") in the store."""
+    out = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/_COMMITTED.json"):
+                out.add(obj["Key"][len(prefix) : -len("/_COMMITTED.json")])
+    return out
+
+
+def versions(client, prefix: str) -> dict[str, int]:
+    """How many times each object under prefix was written."""
+    counts: dict[str, int] = {}
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=BUCKET, Prefix=prefix):
+        for v in page.get("Versions", []):
+            counts[v["Key"]] = counts.get(v["Key"], 0) + 1
+    return counts
+
+
+async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
+    s3_url, client = s3
+    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": 1000})
+    nodes = 1
+    if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
+        spec["train"]["engine"] = "deepspeed"
+        nodes = 2
+    values = merge_values(
+        spec,
+        IMAGES,
+        {
+            "cluster": {
+                "s3": {"secretName": "fusion-s3", "endpointUrl": s3_url, "region": "us-east-1"},
+                "controller": {"pollSeconds": 0.5},
+                "workloads": {
+                    "split": {"parallelism": 2},
+                    "logits": {"gpus": 0, "parallelism": 2},
+                    "align": {"workers": 1, "leaseSeconds": 15},  # a killed worker's shard is taken over soon
+                    "fuse": {"parallelism": 2},
+                    "train": {"gpus": 0, "workers": nodes - 1},
+                    "eval": {"gpus": 0},
+                },
+            }
+        },
+    )
+    rendered = render(values, release=RELEASE, namespace=NAMESPACE)
+    installed = [o for o in rendered.objects if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+    image_env = {"FUSION_CACHE_DIR": str(tmp_path / "image-cache"), "OMP_NUM_THREADS": "1"}
+
+    async with ApiServer() as api, kmock.Server(api) as server:
+        async with Cluster(str(server.url), NAMESPACE, tmp_path / "cluster", image_env) as cluster:
+            seen: dict[str, float] = {}
+
+            async def check_order():
+                """Every workload that exists had its inputs committed (checked the moment it
+                appears: the store is read after the API, so it can only hold more commits than
+                when the workload was created, never fewer)."""
+                existing = [(kind, o["metadata"]["name"]) for kind in ("Job", "PyTorchJob") for o in await cluster.list(kind)]
+                done = committed(client)
+                for kind, name in existing:
+                    if name in INPUTS and name not in seen:
+                        missing = [i for i in INPUTS[name] if i not in done]
+                        assert not missing, f"{name} was created before {missing} were committed\n{timeline(cluster)}"
+                        assert name == f"{RELEASE}-prepare" or f"{RELEASE}-prepare" in seen
+                        seen[name] = cluster.events[-1][0] if cluster.events else 0.0
+                        cluster.event(f"controller created {kind} {name}")
+                return done
+
+            async def job(name):
+                return await cluster.get("Job", name)
+
+            async def running(name):
+                pods = [p for p in await cluster.list("Pod") if p["metadata"]["labels"].get("job-name") == name]
+                return [p for p in pods if p["status"].get("phase") in ("Pending", "Running") and not p["metadata"].get("deletionTimestamp")]
+
+            async def progress(predicate):
+                await check_order()
+                return await predicate()
+
+            # kubectl create secret generic fusion-s3 ...; helm install micro helm/fusion -f values.yaml
+            await cluster.create(secret("fusion-s3", {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}))
+            await cluster.apply(installed)
+            cluster.event("helm install")
+
+            # Alignment workers: 1 -> 3 while the stage runs, one killed, then 2.
+            align = f"{RELEASE}-align-src-llama"
+            await until(cluster, lambda: progress(lambda: running(align)), 420, f"{align} to run")
+            await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
+            cluster.event(f"kubectl patch job {align} parallelism 3")
+            pods = await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "3 align workers")
+            victim = pods[-1]["metadata"]["name"]
+            await cluster.delete("Pod", victim)
+            cluster.event(f"kubectl delete pod {victim}")
+            await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "a replacement worker")
+            await cluster.patch("Job", align, {"spec": {"parallelism": 2}})
+            cluster.event(f"kubectl patch job {align} parallelism 2")
+
+            controller = f"{RELEASE}-controller"
+            await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 600, "the run to end")
+            final = await job(controller)
+            assert final["status"]["conditions"][0]["type"] == "Complete", (
+                cluster.logs(controller) + cluster.logs(f"{RELEASE}-") + "\n" + timeline(cluster)
+            )
+
+            # The whole run, each shard once.
+            assert committed(client) == {
+                "split/train", "split/heldout", *(f"vocab/{s}" for s in SOURCES), *(f"logits/{m}" for m in MODELS),
+                *(f"align/{s}" for s in SOURCES), "fuse/train", "train/model", "eval/report",
+            }
+            assert set(seen) == set(INPUTS)
+            run_json = json.loads(client.get_object(Bucket=BUCKET, Key="micro/run.json")["Body"].read())
+            shards = run_json["outputs"]["align/src-llama"]["shards"]
+            records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/src-llama/shard-\d{5}\.json$", k)}
+            assert len(records) == shards and set(records.values()) == {1}, f"align records written more than once: {records}"
+            assert not [k for k in versions(client, "micro/align/") if "/_leases/" in k and _exists(client, k)], "a lease was left behind"
+
+            # helm uninstall: everything the run created goes (the garbage collector follows owners).
+            await cluster.uninstall(installed)
+            cluster.event("helm uninstall")
+
+            async def nothing_left():
+                return not any([await cluster.list(kind) for kind in ("Job", "PyTorchJob", "Pod", "ConfigMap")])
+
+            await until(cluster, nothing_left, 60, "uninstall to remove everything")
+
+            # Installing the same run again resumes from the store: only prepare runs, nothing is recomputed.
+            before = versions(client, "micro/")
+            seen.clear()
+            await cluster.apply(installed)
+            cluster.event("helm install (again)")
+            await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 240, "the resumed run to end")
+            assert (await job(controller))["status"]["conditions"][0]["type"] == "Complete"
+            assert set(seen) == {f"{RELEASE}-prepare"}
+            after = versions(client, "micro/")
+            rewritten = {k for k in after if after[k] != before.get(k) and not k.endswith(("run.json",)) and "/logs/" not in k}
+            assert not rewritten, f"a resumed install rewrote {sorted(rewritten)[:5]}"
+            print("\n" + timeline(cluster))  # pytest -s shows the run as it went
+
+
+async def _at_least(pods_coro, n):
+    pods = await pods_coro
+    return pods if len(pods) >= n else None
+
+
+async def _condition(job_coro, *types):
+    job = await job_coro
+    conditions = (job or {}).get("status", {}).get("conditions") or []
+    return any(c["type"] in types and c["status"] == "True" for c in conditions)
+
+
+def _exists(client, key: str) -> bool:
+    try:
+        client.head_object(Bucket=BUCKET, Key=key)
+        return True
+    except client.exceptions.ClientError:
+        return False
