@@ -8,6 +8,7 @@ import numpy as np
 
 from fusion import shards
 from fusion.run import Run
+from fusion.sparse import SparseRows
 from fusion.stages import fuse, split
 
 
@@ -41,15 +42,9 @@ def write_packed(
                 logprobs[int(counts[:row].sum())] = np.nan
             elif kind == "id":
                 tokens[a] = vocab + 7
-        arrays = {
-            "tokens": tokens.astype(np.uint16),
-            "seq_ptr": seq_ptr,
-            "counts": counts.astype(np.uint8),
-            "ids": ids.astype(np.uint16),
-            "logprobs": logprobs.astype(np.float16),
-            "tail": tail.astype(np.float16),
-            "choice": rng.integers(0, 1 + len(run.sources), size=blocks_per_shard).astype(np.uint8),
-        }
+        rows = SparseRows(counts, ids, logprobs, tail)
+        choice = rng.integers(0, 1 + len(run.sources), size=blocks_per_shard)
+        arrays = fuse.pack(tokens, seq_ptr, rows, choice, vocab)
         attrs = {"target_tokenizer": run.tokenizer_hash(run.target.name), "vocab_size": vocab}
         shards.write_shard(run.store, fuse.NAME, fuse.PART, s, arrays, config_hash, rows=len(tokens), attrs=attrs)
     shards.commit_part(run.store, fuse.NAME, fuse.PART, n_shards, config_hash)

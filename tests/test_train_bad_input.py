@@ -48,7 +48,7 @@ def test_token_ids_beyond_the_logits(micro, tmp_path, capsys):
     code, err = fusion_train_cli(capsys, path)
     assert code == BAD_INPUT_EXIT_CODE
     vocab = len(run.tokenizers["target"])
-    assert err.startswith("fusion: error: train: fuse/train/shard-00001.zarr block 5 holds token id")
+    assert err.startswith("fusion: error: train: fuse/train/shard-00001 block 5 holds token id")
     assert f"id {vocab + 7}" in err
     assert "another tokenizer" in err
 
@@ -70,8 +70,8 @@ def test_nan_teacher_rows_are_skipped_and_counted(micro, tmp_path, capsys):
     run, path = prepared(micro, tmp_path, corrupt=corrupt)
     assert main(["train", str(path)]) == 0
     err = capsys.readouterr().err
-    assert "skipped fuse/train/shard-00000.zarr block 3: non-finite teacher data" in err
-    assert "skipped fuse/train/shard-00002.zarr block 7: non-finite teacher data" in err
+    assert "skipped fuse/train/shard-00000 block 3: non-finite teacher data" in err
+    assert "skipped fuse/train/shard-00002 block 7: non-finite teacher data" in err
     log = log_of(tmp_path / "store")
     assert sum(e["skipped"] for e in log) == 2
     assert all(0 < e["loss"] < 20 for e in log)
