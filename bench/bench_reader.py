@@ -7,7 +7,7 @@ vocabulary to a local store and to an S3 server (moto, on 127.0.0.1), then measu
 side in one process:
 - reader_local / reader_s3: PackedReader with prefetch, batch 8, fully collated tensors;
   reader_s3_window1: windows of one shard, so shards are downloaded while it runs
-- collate_in_memory: the old path (train.collate on arrays already in memory), for scale
+- collate_in_memory: what the trainer runs now (fusion/training/data.py: blocks in memory, collated)
 - trainer_cpu: one training step (forward, fusion loss, backward, AdamW) of a tiny Llama
   (hidden 128, 2 layers, 32000 vocabulary) at batch 8 x 2048 on this CPU
 Prints JSON with blocks per second and ratios (reader / trainer: how many times faster the
@@ -33,8 +33,9 @@ from fusion import shards  # noqa: E402
 from fusion.config import StoreOptionsSpec  # noqa: E402
 from fusion.reader import PackedReader  # noqa: E402
 from fusion.sparse import SparseRows, concat  # noqa: E402
-from fusion.stages import fuse, train  # noqa: E402
+from fusion.stages import fuse  # noqa: E402
 from fusion.store import Store  # noqa: E402
+from fusion.training import data  # noqa: E402
 
 VOCAB, LENGTH, K, BATCH = 32000, 2048, 10, 8
 
@@ -75,14 +76,17 @@ def reader_rate(store: Store, steps: int, window: int | None = None) -> tuple[fl
 
 
 def collate_rate(parts, steps: int) -> float:
+    """The trainer's in-memory path (fusion/training/data.py): blocks already in memory, collated."""
     lengths = np.concatenate([np.diff(p[1]) for p in parts])
     ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=ptr[1:])
     tokens, choice = np.concatenate([p[0] for p in parts]), np.concatenate([p[3] for p in parts])
-    packed = train.Packed(tokens, ptr, concat([p[2] for p in parts]), choice)
+    rows = concat([p[2] for p in parts])
+    packed = data.Packed(tokens, ptr, rows, rows.ptr, choice, np.zeros(len(lengths), np.int64), np.zeros(1, np.int64))
+    reader = data.BlockReader(packed, seed=0, rank=0, world_size=1)
     start = time.perf_counter()
-    for step in range(steps):
-        train.collate(packed, train.batch_blocks(step, BATCH, packed.blocks, 0), 1, 0)
+    for _ in range(steps):
+        data.collate([next(reader) for _ in range(BATCH)], 1, 0, VOCAB, int(choice.max()) + 1)
     return steps * BATCH / (time.perf_counter() - start)
 
 

@@ -25,9 +25,12 @@ under every method, through the pipeline (`fusion.launch_local.run_all`):
     clm                lambda = 1: continual training on the text alone
     distill-<domain>   one source, src-<domain> (fuse.sources), MinCE between it and the target
     mince, avgce       the three heterogeneous sources fused (default alignment)
-    mince-reference    the same with the paper's alignment (reference-soft)
+    mince-reference    the same with the paper's alignment (reference-soft: MinED vocabulary map)
+    mince-exact        the same with the paper's exact-match alignment (reference-hard: EM map)
     mince-paper        the original code's whole recipe: reference-soft alignment, MinCE by mean
                        CE per own token compared in bfloat16, top-k renormalised (no tail)
+    mince-renormalize  MinCE, default alignment, the teacher's tail dropped by renormalising (as
+                       the original) instead of kept as one outcome
     mince-lambda0.5    MinCE with lambda = 0.5 instead of the paper's 0.9
     mince-experts      the three experts fused instead (they share the target's tokenizer)
 
@@ -38,7 +41,7 @@ vocabulary, exact) and of the heterogeneous sources (through the alignment, fusi
 All variants share the upstream work: one store holds split, vocab, logits and align for all
 six sources; each variant's store links those folders and computes only fuse and train (the
 commit records' config hashes guarantee they are the same data). A second upstream store links
-split and logits and adds the reference-mode vocab and align.
+split and logits and adds the reference-soft vocab and align, a third the reference-hard ones.
 
 Metric: bits per byte of the held-out text of each domain (tokenizer-independent), 3 training
 seeds (data order), mean and standard deviation. Outputs: bench/results/replication.json (one
@@ -119,15 +122,18 @@ RECIPES = {
 SOURCES = ["src-sotu", "src-docs", "src-code"]
 EXPERTS = ["exp-sotu", "exp-docs", "exp-code"]
 
-# method -> (upstream store, spec overrides); every trained method runs once per seed
+# method -> (alignment mode, which names its upstream store; spec overrides); every trained
+# method runs once per seed
 METHODS = {
     "clm": ("default", {"train.lambda": 1.0}),
     **{f"distill-{d}": ("default", {"fuse.sources": [f"src-{d}"]}) for d in DOMAINS},
     "mince": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
     "avgce": ("default", {"fuse.sources": SOURCES, "fuse.function": "avgce"}),
-    "mince-reference": ("reference", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
-    "mince-paper": ("reference", {"fuse.sources": SOURCES, "fuse.function": "mince", "fuse.metric": "ce_per_token",
+    "mince-reference": ("reference-soft", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
+    "mince-exact": ("reference-hard", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
+    "mince-paper": ("reference-soft", {"fuse.sources": SOURCES, "fuse.function": "mince", "fuse.metric": "ce_per_token",
                                   "fuse.paper_rewards": True, "train.tail": "renormalize"}),
+    "mince-renormalize": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince", "train.tail": "renormalize"}),
     "mince-lambda0.5": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince", "train.lambda": 0.5}),
     "mince-experts": ("default", {"fuse.sources": EXPERTS, "fuse.function": "mince"}),
 }
@@ -242,6 +248,7 @@ def build_model(name: str, scale: Scale, data: dict, models_dir: Path) -> Path:
     key = {"recipe": asdict(recipe), "steps": steps, "hidden": scale.hidden, "layers": scale.layers,
            "data": {d: getattr(scale, "target_chars" if name == "target" else "pool_chars") for d in recipe.domains},
            "init": None if recipe.init is None else json.loads((models_dir / recipe.init / "recipe.json").read_text())}
+    key = json.loads(json.dumps(key))  # as recipe.json reads back (tuples become lists)
     folder = models_dir / name
     if (folder / "recipe.json").exists() and json.loads((folder / "recipe.json").read_text()) == key:
         return folder
@@ -315,14 +322,15 @@ def link_upstream(store: Path, upstream: Path, stages: list[str]) -> None:
 
 def upstream(spec: dict, out: Path, tokenizers: dict) -> None:
     """split, vocab, logits, align for all sources (default mode), then vocab and align in
-    reference mode in a second store that links split and logits."""
+    each reference mode in a store of its own that links split and logits."""
     from fusion.launch_local import run_all
 
     run_all(make_run(spec, tokenizers), ["split", "vocab", "logits", "align"])
-    ref = out / "stores" / "reference"
-    link_upstream(ref, out / "stores" / "default", ["split", "logits"])
-    run_all(make_run(with_overrides(spec, {"store": str(ref), "align.mode": "reference-soft"}), tokenizers),
-            ["split", "vocab", "logits", "align"])
+    for mode in ("reference-soft", "reference-hard"):
+        ref = out / "stores" / mode
+        link_upstream(ref, out / "stores" / "default", ["split", "logits"])
+        run_all(make_run(with_overrides(spec, {"store": str(ref), "align.mode": mode}), tokenizers),
+                ["split", "vocab", "logits", "align"])
 
 
 def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dict) -> Path:
@@ -334,7 +342,7 @@ def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dic
     store = out / "stores" / "variants" / f"{method}-s{seed}"
     link_upstream(store, out / "stores" / where, ["split", "vocab", "logits", "align"])
     variant = with_overrides(spec, {**overrides, "store": str(store), "train.seed": seed,
-                                    "align.mode": "reference-soft" if where == "reference" else "default"})
+                                    "align.mode": where})
     run = make_run(variant, tokenizers)
     run_all(run, ["fuse", "train"])
     return train.model_folder(run, store / "scratch")
@@ -393,9 +401,11 @@ GROUPS = [  # (method, kind, description), in the report's order
     *[(f"distill-{d}", "trained", f"single-source distillation from src-{d}") for d in DOMAINS],
     ("mince", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, default alignment"),
     ("avgce", "trained", "FuseLLM, AvgCE, 3 heterogeneous sources, default alignment"),
-    ("mince-reference", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, the paper's alignment (reference-soft)"),
+    ("mince-reference", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, the paper's MinED alignment (reference-soft)"),
+    ("mince-exact", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, the paper's exact-match alignment (reference-hard)"),
     ("mince-paper", "trained", ("the original recipe: reference-soft alignment, CE per own token in bf16, "
                                 "top-k renormalised")),
+    ("mince-renormalize", "trained", "FuseLLM, MinCE, default alignment, teacher tail renormalised away"),
     ("mince-lambda0.5", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, lambda = 0.5"),
     ("mince-experts", "trained", "FuseLLM, MinCE, the 3 experts (same tokenizer as the target)"),
     *[(n, "model", f"source alone ({RECIPES[n].architecture}, {RECIPES[n].tokenizer})") for n in SOURCES],
@@ -585,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": asdict(scale),
         "models": {n: {"architecture": r.architecture, "tokenizer": r.tokenizer, "trained_on": list(r.domains),
                        "init": r.init, "steps": getattr(scale, r.steps)} for n, r in RECIPES.items()},
-        "methods": {m: {"upstream": w, "overrides": o} for m, (w, o) in METHODS.items()},
+        "methods": {m: {"align_mode": w, "overrides": o} for m, (w, o) in METHODS.items()},
         "data": {"mix_pieces": {d: len(data[d]["mix"]) for d in DOMAINS}, "mix_blocks": mix_blocks(spec),
                  "heldout_blocks": {d: len(b) for d, b in blocks.items()}, "heldout_bytes": heldout_bytes,
                  "python": sys.version.split()[0]},
