@@ -1,6 +1,6 @@
-"""Issue 7: does knowledge fusion work? A small, honest replication of FuseLLM on 2 CPU cores.
+"""Does knowledge fusion work? A small, honest replication of FuseLLM on 2 CPU cores.
 
-    python bench/replicate.py                  # everything, about an hour on 2 idle cores
+    python bench/replicate.py                  # everything, 42 minutes on 2 idle cores
     python bench/replicate.py --quick          # a smoke run of the same code (minutes)
 
 Three English domains: State of the Union addresses (prose), the Python 3.11 documentation
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu, load1 = time.perf_counter() - started, cpu_seconds() - cpu0, os.getloadavg()
     heldout_bytes = {d: sum(len(b.encode("utf-8")) for b in blocks[d]) for d in DOMAINS}
     report = {
-        "experiment": "FuseLLM replication at toy scale (issue 7); see bench/REPLICATION.md",
+        "experiment": "FuseLLM replication at toy scale; see bench/REPLICATION.md",
         "command": "python bench/replicate.py" + (" --quick" if args.quick else ""),
         "scale": asdict(scale),
         "models": {n: {"architecture": r.architecture, "tokenizer": r.tokenizer, "trained_on": list(r.domains),
