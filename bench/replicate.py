@@ -290,13 +290,11 @@ def base_spec(scale: Scale, out: Path, models: dict[str, Path]) -> dict:
 
 
 def with_overrides(spec: dict, overrides: dict) -> dict:
+    from fusion.config import set_key
+
     spec = json.loads(json.dumps(spec))
     for key, value in overrides.items():
-        node = spec
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_key(spec, key, value)
     return spec
 
 

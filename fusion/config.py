@@ -277,19 +277,27 @@ def parse_spec(data: object, source: str = "run spec") -> RunSpec:
         raise FusionError(describe_validation_error(err, source)) from None
 
 
+def set_key(data: dict, key: str, value) -> None:
+    """Set the dotted `key` (`train.lr`) of a spec mapping, creating mappings on the way."""
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FusionError(f"{key}: '{p}' is not a mapping")
+    node[leaf] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`a.b.c=value` overrides, value parsed as YAML (so numbers and booleans keep their type)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise FusionError(f"--set {item!r}: expected KEY=VALUE")
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise FusionError(f"--set {item!r}: '{p}' is not a mapping")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            set_key(data, key, yaml.safe_load(raw))
+        except FusionError as err:
+            raise FusionError(f"--set {item!r}: {err}") from None
     return data
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from fusion import tiny
+from fusion.config import set_key
 
 
 @dataclass
@@ -37,11 +38,7 @@ class Micro:
             "eval": {"max_blocks": 40},
         }
         for key, value in overrides.items():
-            node = spec
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+            set_key(spec, key, value)
         return spec
 
     def write_spec(self, path: Path, store: Path | str, **overrides) -> Path:

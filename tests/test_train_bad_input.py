@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fusion import shards
 from fusion.cli import main
@@ -18,15 +17,7 @@ from fusion.run import Run
 from fusion.stages import fuse, train
 from fusion.training import distributed, engine
 from tests.packed import write_packed
-from tests.test_train import MODEL, SETTINGS, env, log_of
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_train import MODEL, SETTINGS, env, log_of, one_thread  # noqa: F401 (autouse fixture)
 
 
 def prepared(micro, tmp_path, corrupt=None, **overrides):
