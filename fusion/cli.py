@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from fusion import ensemble  # light at import time: torch loads only when a command runs
 
     ensemble.add_cli(sub)
+    from fusion import merge
+
+    merge.add_cli(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -240,6 +243,12 @@ def cmd_ensemble(args) -> int:
     return run_cli(args)
 
 
+def cmd_merge(args) -> int:
+    from fusion.merge import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -252,6 +261,7 @@ COMMANDS = {
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
     "ensemble": cmd_ensemble,
+    "merge": cmd_merge,
 }
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def model_dir(spec: ModelSpec) -> Path:
-    """The model's local folder; `tiny:NAME` builds (once, cached) a built-in tiny model."""
+def path_dir(spec: ModelSpec) -> Path:
+    """The folder `path` names; `tiny:NAME` builds (once, cached) a built-in tiny model."""
     if spec.path.startswith("tiny:"):
         from fusion import tiny
 
@@ -25,9 +25,24 @@ def model_dir(spec: ModelSpec) -> Path:
     return path
 
 
+def model_dir(spec: ModelSpec) -> Path:
+    """The model's local folder: `path_dir`, or for a target with `init: {upscale: ...}` the
+    up-scaled model of it (built once, cached; fusion/upscale.py)."""
+    path = path_dir(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:
+        from fusion import upscale
+
+        try:
+            return upscale.upscaled_dir(path, init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
+    return path
+
+
 def tokenizer_dir(spec: ModelSpec) -> Path:
     if spec.tokenizer is None:
-        return model_dir(spec)
+        return path_dir(spec)  # an up-scaled target keeps its base's tokenizer files
     path = Path(spec.tokenizer).expanduser()
     if not path.is_dir():
         raise FusionError(f"model '{spec.name}': tokenizer folder {spec.tokenizer} does not exist")
