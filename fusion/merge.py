@@ -57,9 +57,17 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
+def require_mergekit() -> None:
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        raise FusionError("merging needs mergekit: pip install 'fusion-llm[merge]'") from None
+
+
 def parse_config(data: dict, source: str = "merge config"):
     """mergekit's MergeConfiguration, with the checks mergekit leaves out: no unknown keys,
     every model a local model folder."""
+    require_mergekit()
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
