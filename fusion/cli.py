@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     from fusion import merge
 
     merge.add_cli(sub)
+    from fusion import moe
+
+    moe.add_cli(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -249,6 +252,12 @@ def cmd_merge(args) -> int:
     return run_cli(args)
 
 
+def cmd_moe(args) -> int:
+    from fusion.moe import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -262,6 +271,7 @@ COMMANDS = {
     "align-fixture": cmd_align_fixture,
     "ensemble": cmd_ensemble,
     "merge": cmd_merge,
+    "moe": cmd_moe,
 }
 
 if __name__ == "__main__":
