@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     from fusion import moe
 
     moe.add_cli(sub)
+    from fusion import vote
+
+    vote.add_cli(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -258,6 +261,12 @@ def cmd_moe(args) -> int:
     return run_cli(args)
 
 
+def cmd_vote(args) -> int:
+    from fusion.vote import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -272,6 +281,7 @@ COMMANDS = {
     "ensemble": cmd_ensemble,
     "merge": cmd_merge,
     "moe": cmd_moe,
+    "vote": cmd_vote,
 }
 
 if __name__ == "__main__":
