@@ -80,7 +80,8 @@ def context_token_id(spec: ModelSpec, tokenizer) -> int:
 
 
 def model_config(spec: ModelSpec) -> dict:
-    path = model_dir(spec) / "config.json"
+    """The config.json of the folder `path` names (of the base, for a built target)."""
+    path = path_dir(spec) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -104,6 +105,14 @@ def max_positions(config: dict) -> int | None:
 def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
     """Cheap checks before any expensive work: vocabulary fits logits, blocks fit the context."""
     config = model_config(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:  # checked on the base: an up-scaled model keeps its vocabulary and positions
+        from fusion import upscale
+
+        try:
+            upscale.layer_plan(upscale.layer_count(path_dir(spec)), init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
     width = logit_width(config)
     if len(tokenizer) > width:
         raise FusionError(
@@ -116,9 +125,9 @@ def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
             f"model '{spec.name}': split.block_tokens={block_tokens} (+1 for BOS) exceeds the model's "
             f"{longest} positions"
         )
-    weights = list(model_dir(spec).glob("*.safetensors")) + list(model_dir(spec).glob("*.bin"))
+    weights = list(path_dir(spec).glob("*.safetensors")) + list(path_dir(spec).glob("*.bin"))
     if not weights:
-        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {model_dir(spec)}")
+        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {path_dir(spec)}")
 
 
 def torch_dtype(name: str):

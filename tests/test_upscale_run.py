@@ -35,16 +35,21 @@ def test_spec_refuses_bad_init_keys(micro, tmp_path):
         parse_spec(spec)
     run = Run(parse_spec(micro.spec(tmp_path / "s", **{"models.target.init": {"upscale": {"drop": 1}}})))
     with pytest.raises(FusionError, match="models.target.init.upscale: .*drop must be in 0..0"):
+        run.preflight()  # checked on the base's config, before anything is built
+    with pytest.raises(FusionError, match="models.target.init.upscale: .*drop must be in 0..0"):
         models.model_dir(run.target)
 
 
 def test_upscale_then_fuse_is_one_run(micro, tmp_path):
     plain = Run(parse_spec(micro.spec(tmp_path / "plain")))
     run = Run(parse_spec(micro.spec(tmp_path / "up", **{"models.target.init": {"upscale": {"drop": 0}}})))
-    # the micro target has 1 layer: drop 0 gives 2 copies of it; same tokenizer, so the same split
-    assert run.model_identity("target")["config"]["num_hidden_layers"] == 2
+    # same tokenizer, so the same split; the target's identity says how it is built, without building it
+    assert run.model_identity("target")["init"] == {"upscale": {"drop": 0}}
     assert run.hash("split", "train") == plain.hash("split", "train")
     assert run.hash("logits", "target") != plain.hash("logits", "target")
+    run.preflight()
+    assert not (tmp_path / "cache" / "upscaled").exists()
+    # the micro target has 1 layer: drop 0 gives 2 copies of it
     base = models.load_model(plain.target).state_dict()
     up = models.load_model(run.target).state_dict()
     for layer in (0, 1):
