@@ -20,6 +20,10 @@ def model_dir(spec: ModelSpec) -> Path:
 
         return tiny.model_path(spec.path.removeprefix("tiny:"))
     path = Path(spec.path).expanduser()
+    if path.is_file():
+        raise FusionError(
+            f"model '{spec.name}': {spec.path} is a file; give the model's folder (the one holding config.json)"
+        )
     if not (path / "config.json").is_file():
         raise FusionError(f"model '{spec.name}': {spec.path} is not a model folder (no config.json)")
     return path
@@ -29,6 +33,11 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
     if spec.tokenizer is None:
         return model_dir(spec)
     path = Path(spec.tokenizer).expanduser()
+    if path.is_file():
+        raise FusionError(
+            f"model '{spec.name}': tokenizer {spec.tokenizer} is a file; give the folder that holds it "
+            f"(tokenizer.json, tokenizer_config.json), here {path.parent}"
+        )
     if not path.is_dir():
         raise FusionError(f"model '{spec.name}': tokenizer folder {spec.tokenizer} does not exist")
     return path
