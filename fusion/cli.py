@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
@@ -12,6 +13,7 @@ from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusion", description="Knowledge fusion of LLMs (FuseLLM) as a batch system.")
+    parser.add_argument("--version", action="version", version=f"fusion {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run every stage of a run spec on this machine")
@@ -74,16 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("report", help="a finished run's report: bits per byte per model and domain, and its files")
+    p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
+    p.add_argument("--json", action="store_true", help="print report.json as stored")
+
     p = sub.add_parser("validate", help="check a run spec, its models and corpus, without running anything")
     p.add_argument("spec")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("schema", help="print the run spec's JSON schema")
 
-    p = sub.add_parser("align-fixture", help="run reference-mode alignment on a FuseLLM alignment fixture")
-    p.add_argument("--fixture", required=True)
+    p = sub.add_parser(
+        "align-fixture",
+        help="run reference-mode alignment on a FuseLLM alignment fixture and check it with the fixture's own "
+        "checker (exit 1 if a sequence differs)",
+    )
+    p.add_argument("--fixture", required=True, help="folder in the alignment-fixture format")
     p.add_argument("--mode", required=True, choices=["hard", "soft"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="also keep the candidate .npz here (default: a temporary file)")
+    p.add_argument("--no-check", action="store_true", help="only write the candidate (needs --out)")
 
     from fusion import ensemble  # light at import time: torch loads only when a command runs
 
@@ -98,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusion: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output left (`fusion status ... | head`): stop quietly, as a tool
+        # killed by SIGPIPE would; stdout goes to /dev/null so the exit flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fusion-llm")
+    except importlib.metadata.PackageNotFoundError:
+        from fusion import __version__
+
+        return __version__
 
 
 def _run(spec_path: str, store: str | None, overrides: list[str]):
@@ -108,8 +135,9 @@ def _run(spec_path: str, store: str | None, overrides: list[str]):
 
 
 def cmd_run(args) -> int:
-    from fusion.launch_local import redo, run_all, summary
+    from fusion.launch_local import redo, run_all
     from fusion.stages import STAGES
+    from fusion.summary import Progress
 
     run = _run(args.spec, args.store, args.set)
     stages = None
@@ -122,8 +150,9 @@ def cmd_run(args) -> int:
         if args.redo not in STAGES:
             raise FusionError(f"--redo: unknown stage {args.redo!r} (known: {', '.join(STAGES)})")
         redo(run, args.redo)
-    run_all(run, stages)
-    print(summary(run))
+    progress = Progress(run, [s for s in STAGES if stages is None or s in stages])
+    run_all(run, stages, progress)
+    print("\n".join(progress.end_lines(f"`fusion run {args.spec}` without --stages runs them")), flush=True)
     return 0
 
 
@@ -142,12 +171,29 @@ def cmd_stage(args) -> int:
     if args.stage == "split":
         prepare(run)
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
+    if shard is not None:
+        shard = shard_in_range(run, args.stage, parts, shard, "--shard" if args.shard is not None else "$JOB_COMPLETION_INDEX")
     for part in parts:
         if shard is None:
             run_part(run, args.stage, part)
         elif not shard_done(run, args.stage, part, int(shard)):
             module.run_shard(run, part, int(shard))
     return 0
+
+
+def shard_in_range(run, stage: str, parts: list[str], shard, where: str) -> int:
+    from fusion.stages import STAGES
+
+    try:
+        index = int(shard)
+    except ValueError:
+        raise FusionError(f"{where}={shard!r}: not a shard index") from None
+    for part in parts:
+        n = STAGES[stage].shard_count(run, part)
+        if not 0 <= index < n:
+            last = f"0..{n - 1}" if n else "none"
+            raise FusionError(f"{where} {index}: out of range; stage {stage} part {part} has {n} shard(s) ({last})")
+    return index
 
 
 def cmd_worker(args) -> int:
@@ -210,6 +256,14 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fusion import report
+
+    found, uris = report.load(args.store)
+    print(json.dumps(found, indent=1) if args.json else report.format_report(found, uris))
+    return 0
+
+
 def cmd_validate(args) -> int:
     from fusion.config import load_spec
     from fusion.run import Run
@@ -228,10 +282,27 @@ def cmd_schema(args) -> int:
 
 
 def cmd_align_fixture(args) -> int:
-    from fusion.align import align_fixture
+    import tempfile
+    from pathlib import Path
 
-    print(json.dumps(align_fixture(args.fixture, args.mode, args.out)))
-    return 0
+    from fusion.align.fixture import align_fixture, check_candidate
+
+    if args.no_check and not args.out:
+        raise FusionError("align-fixture: --no-check only writes the candidate, so it needs --out FILE.npz")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / f"{args.mode}.npz"
+        result = align_fixture(args.fixture, args.mode, out)
+        if not args.out:
+            result["out"] = None
+        if args.no_check:
+            print(json.dumps(result))
+            return 0
+        check = check_candidate(args.fixture, args.mode, out)
+    result["check"] = f"{check['passed']} passed, {check['failed']} failed"
+    for line in check["failures"][:10]:
+        print(f"fusion: align-fixture: {line}", file=sys.stderr)
+    print(json.dumps(result))
+    return 1 if check["failed"] else 0
 
 
 def cmd_ensemble(args) -> int:
@@ -248,6 +319,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "k8s": cmd_k8s,
     "status": cmd_status,
+    "report": cmd_report,
     "validate": cmd_validate,
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
