@@ -11,78 +11,79 @@ import sys
 from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion", description="Knowledge fusion of LLMs (FuseLLM) as a batch system.")
     parser.add_argument("--version", action="version", version=f"fusion {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run every stage of a run spec on this machine")
-    p.add_argument("spec", help="run spec YAML (see jobs/)")
-    p.add_argument("--store", help="run store URL, overriding the spec's `store`")
+    p.add_argument("spec", metavar="SPEC", help="run spec YAML (see jobs/)")
+    p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. train.lr=1e-4")
-    p.add_argument("--stages", help="comma-separated stages to run (default: all)")
+    p.add_argument("--stages", metavar="STAGE,...", help="comma-separated stages to run (default: all)")
     p.add_argument("--redo", metavar="STAGE", help="delete this stage's outputs and all later ones first, then run")
 
     p = sub.add_parser("stage", help="run one stage part (one shard, or all pending shards) of a run")
-    p.add_argument("stage")
-    p.add_argument("spec")
-    p.add_argument("--part", help="default: every part of the stage")
-    p.add_argument("--shard", type=int, help="shard index (default: $JOB_COMPLETION_INDEX, else every pending shard)")
-    p.add_argument("--store")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("stage", metavar="STAGE")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--part", metavar="PART", help="default: every part of the stage")
+    p.add_argument("--shard", type=int, metavar="INDEX", help="shard index (default: $JOB_COMPLETION_INDEX, else every pending shard)")
+    p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
 
     p = sub.add_parser("worker", help="claim shards of one stage by lease and compute them until none are left")
-    p.add_argument("stage")
-    p.add_argument("spec")
-    p.add_argument("--part", action="append", help="only this part (repeatable; default: every part of the stage)")
-    p.add_argument("--store")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("stage", metavar="STAGE")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--part", action="append", metavar="PART", help="only this part (repeatable; default: every part of the stage)")
+    p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
     p.add_argument(
         "--lease-seconds",
         type=float,
         default=float(os.environ.get("FUSION_LEASE_SECONDS", "300")),
+        metavar="SECONDS",
         help="a dead worker's shard is taken over after this long (default $FUSION_LEASE_SECONDS or 300)",
     )
-    p.add_argument("--poll-seconds", type=float, default=5.0, help="pause between looks while others hold the last shards")
-    p.add_argument("--worker-id", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID or host-pid")
+    p.add_argument("--poll-seconds", type=float, default=5.0, metavar="SECONDS", help="pause between looks while others hold the last shards")
+    p.add_argument("--worker-id", metavar="ID", default=os.environ.get("FUSION_WORKER_ID"), help="default $FUSION_WORKER_ID or host-pid")
 
     p = sub.add_parser(
         "train",
         help="the train stage; with train.engine=deepspeed outside torchrun, first start torchrun from the "
         "PyTorchJob environment (the training pods' command)",
     )
-    p.add_argument("spec")
-    p.add_argument("--store")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
 
     p = sub.add_parser("prepare", help="check a run spec, its models and corpus; plan the shards; write run.json")
-    p.add_argument("spec")
-    p.add_argument("--store")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
 
     p = sub.add_parser("k8s", help="the Kubernetes side of a run (helm/fusion runs these)")
     k8s = p.add_subparsers(dest="k8s_command", required=True)
     q = k8s.add_parser("controller", help="create each stage's workload once its inputs are committed")
-    q.add_argument("spec")
-    q.add_argument("--workloads", required=True, help="the chart's workloads.yaml (multi-document)")
-    q.add_argument("--job", required=True, help="the controller's own Job: owner of every workload it creates")
-    q.add_argument("--namespace", help="default: $POD_NAMESPACE, else the service account's namespace")
-    q.add_argument("--poll-seconds", type=float, default=15.0)
+    q.add_argument("spec", metavar="SPEC")
+    q.add_argument("--workloads", required=True, metavar="FILE", help="the chart's workloads.yaml (multi-document)")
+    q.add_argument("--job", required=True, metavar="NAME", help="the controller's own Job: owner of every workload it creates")
+    q.add_argument("--namespace", metavar="NAMESPACE", help="default: $POD_NAMESPACE, else the service account's namespace")
+    q.add_argument("--poll-seconds", type=float, default=15.0, metavar="SECONDS", help="pause between looks at the store")
     q = k8s.add_parser("check", help="`helm test`: the spec parses and the store is reachable and writable")
-    q.add_argument("spec")
+    q.add_argument("spec", metavar="SPEC")
     k8s.add_parser("schema", help="print the Helm chart's values.schema.json (a run spec plus cluster keys)")
 
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
-    p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("store", metavar="STORE", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     p = sub.add_parser("report", help="a finished run's report: bits per byte per model and domain, and its files")
-    p.add_argument("store", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
+    p.add_argument("store", metavar="STORE", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
     p.add_argument("--json", action="store_true", help="print report.json as stored")
 
     p = sub.add_parser("validate", help="check a run spec, its models and corpus, without running anything")
-    p.add_argument("spec")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
 
     sub.add_parser("schema", help="print the run spec's JSON schema")
 
@@ -91,16 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run reference-mode alignment on a FuseLLM alignment fixture and check it with the fixture's own "
         "checker (exit 1 if a sequence differs)",
     )
-    p.add_argument("--fixture", required=True, help="folder in the alignment-fixture format")
+    p.add_argument("--fixture", required=True, metavar="DIR", help="folder in the alignment-fixture format")
     p.add_argument("--mode", required=True, choices=["hard", "soft"])
-    p.add_argument("--out", help="also keep the candidate .npz here (default: a temporary file)")
+    p.add_argument("--out", metavar="FILE.npz", help="also keep the candidate .npz here (default: a temporary file)")
     p.add_argument("--no-check", action="store_true", help="only write the candidate (needs --out)")
 
     from fusion import ensemble  # light at import time: torch loads only when a command runs
 
     ensemble.add_cli(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except FusionError as e:
