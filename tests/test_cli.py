@@ -97,7 +97,7 @@ def command_lines(parser: argparse.ArgumentParser, prefix: str = "fusion") -> li
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     section = text.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```\w*\n(.*?)```", section, re.S).group(1)  # the first block: the commands
     return [re.split(r"\s{2,}", line.strip(), maxsplit=1)[0] for line in block.splitlines() if line.startswith("fusion")]
 
 
