@@ -128,8 +128,8 @@ def add_cli(sub) -> None:
                                      "model_stock, sce, ...) from a mergekit YAML")
     p.add_argument("config", help="mergekit merge configuration (YAML); model paths are local folders")
     p.add_argument("out", help="output model folder (replaced once the merge is complete)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*)")
-    p.add_argument("--device", default="cpu", help="where mergekit does the arithmetic: cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random methods (dare_*)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help="where mergekit does the arithmetic: cpu or cuda")
 
 
 def run_cli(args) -> int:

@@ -157,8 +157,8 @@ def add_cli(sub) -> None:
     p.add_argument("out", help="output model folder (replaced once the mixture is complete)")
     p.add_argument("--eval-text", action="append", default=[], metavar="FILE",
                    help="then print bits per byte of this UTF-8 text under the mixture (repeatable)")
-    p.add_argument("--block-tokens", type=int, default=512, help="evaluation text is cut into blocks of this many tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--block-tokens", type=int, default=512, metavar="N", help="evaluation text is cut into blocks of this many tokens")
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help="where the prompts' hidden states and the router training run: cpu or cuda")
 
 
 def run_cli(args) -> int:

@@ -169,14 +169,14 @@ def vote(voters: list[Voter], prompt: str, kind: str = "rouge-l-word", max_new_t
 # ---- command line ---------------------------------------------------------------------------------
 def add_cli(sub) -> None:
     p = sub.add_parser("vote", help="crowd voting: every model continues the prompt, the most agreed-on candidate wins")
-    p.add_argument("models", nargs="+", help="model folders (any architectures and tokenizers)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folders (any architectures and tokenizers)")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--similarity", default="rouge-l-word", choices=SIMILARITIES)
-    p.add_argument("--embed-model", help="model folder whose hidden states embed the candidates (default: the first model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-chars", type=int, help="cut every candidate to this many characters before voting")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed-model", metavar="DIR", help="model folder whose hidden states embed the candidates (default: the first model)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--max-chars", type=int, metavar="N", help="cut every candidate to this many characters before voting")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy")
+    p.add_argument("--seed", type=int, default=0, metavar="N")
 
 
 def run_cli(args) -> int:
