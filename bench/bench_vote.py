@@ -5,9 +5,9 @@
 
 The models are bench/replicate.py's (same work folder, built by the same code if absent): three
 heterogeneous sources (GPT-2, Llama-2, GPT-NeoX tokenizers) and three experts (the target
-fine-tuned per domain, one tokenizer). Each held-out piece of each domain gives a prompt (its
-first `prompt_chars` characters, cut at a space) and a reference (the next `continuation_chars`
-characters). Every system continues every prompt greedily; continuations are cut to the
+fine-tuned per domain, one tokenizer). Held-out text of each domain is cut into consecutive
+windows; each gives a prompt (`prompt_chars` characters, cut at a space) and a reference (the
+next `continuation_chars` characters). Every system continues every prompt greedily; continuations are cut to the
 reference's length in characters, then scored by ROUGE-L F1 against the real continuation, over
 words and over characters:
 
@@ -40,16 +40,17 @@ from fusion.vote import SIMILARITIES, choose, load_voter, rouge_l_chars, rouge_l
 
 
 def prompts(data: dict, domain: str, n: int, prompt_chars: int, continuation_chars: int) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs from the domain's held-out pieces, one per piece."""
+    """(prompt, reference) pairs from the domain's held-out pieces: consecutive windows of
+    prompt_chars + continuation_chars characters, the prompt cut at a space."""
     out = []
     for piece in data[domain]["heldout"]:
-        if len(piece) < prompt_chars + continuation_chars:
-            continue
-        cut = piece.rfind(" ", prompt_chars // 2, prompt_chars)
-        cut = cut if cut > 0 else prompt_chars
-        out.append((piece[:cut], piece[cut : cut + continuation_chars]))
-        if len(out) == n:
-            break
+        start = 0
+        while start + prompt_chars + continuation_chars <= len(piece) and len(out) < n:
+            window = piece[start : start + prompt_chars]
+            cut = window.rfind(" ", prompt_chars // 2)
+            cut = cut if cut > 0 else prompt_chars
+            out.append((window[:cut], piece[start + cut : start + cut + continuation_chars]))
+            start += prompt_chars + continuation_chars
     return out
 
 
