@@ -711,7 +711,8 @@ async def kubectl_views(cluster: Cluster, release: str) -> str:
             conditions = [c["type"] for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
             done = ""
             if kind == "Job":
-                done = f"{(obj.get('status') or {}).get('succeeded', 0)}/{obj['spec'].get('completions', 'n')}"
+                succeeded, spec = (obj.get("status") or {}).get("succeeded", 0), obj["spec"]
+                done = f"{succeeded}/{spec['completions']}" if "completions" in spec else f"{succeeded}/1 of {spec.get('parallelism', 1)}"
             rows.append((f"{plural}/{obj['metadata']['name']}", conditions[-1] if conditions else "Running", done))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     out += ["   ".join(cell.ljust(w) for cell, w in zip(r, width)).rstrip() for r in rows]

@@ -217,6 +217,9 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
 
             await until(cluster, nothing_left, 60, "uninstall to remove everything")
 
+            if operator != "pytorchjob":
+                return  # resuming is the same with either operator: once is enough
+
             # Installing the same run again resumes from the store: only prepare runs, nothing is recomputed.
             before = versions(client, "micro/")
             seen.clear()

@@ -105,9 +105,13 @@ class Kube:
                 return None
             raise
 
-    def create(self, obj: dict) -> dict:
+    def create(self, obj: dict) -> dict | None:
+        """Create obj; the object as created (its uid included), read back if the reply lacks it."""
         try:
-            return self._call(obj["kind"], "create", obj)
+            created = self._call(obj["kind"], "create", obj)
+            if isinstance(created, dict) and (created.get("metadata") or {}).get("uid"):
+                return created
+            return self.get(obj["kind"], obj["metadata"]["name"])
         except self.ApiException as e:
             if e.status == 404 and obj["kind"] in OPERATORS:
                 group, version, _ = RESOURCES[obj["kind"]]

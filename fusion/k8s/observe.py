@@ -31,6 +31,7 @@ from fusion import shards
 from fusion.store import Store
 
 COMPONENT = "fusion-controller"
+STAGE_ORDER = ("split", "vocab", "logits", "align", "fuse", "train", "eval")  # how the summary lists them
 RATE_WINDOW_SECONDS = 60.0  # rows per second: over about the last minute
 
 
@@ -250,7 +251,10 @@ class Observer:
 
     # -- the objects -------------------------------------------------------------------------------
     def ordered_parts(self) -> list[PartProgress]:
-        return list(self.parts.values())
+        def rank(p: PartProgress) -> tuple:
+            return (STAGE_ORDER.index(p.stage) if p.stage in STAGE_ORDER else len(STAGE_ORDER), p.part)
+
+        return sorted(self.parts.values(), key=rank)
 
     def status_data(self) -> dict[str, str]:
         parts = self.ordered_parts()
