@@ -273,6 +273,132 @@ def first_token(target: TokenView) -> FirstToken:
     return lookup
 
 
+# The same lookup compiled, for whole vocabularies at once: a byte trie over the target's
+# ordinary tokens (first child / next sibling, the root's children in a table of 256).
+
+@njit(cache=True)
+def _build_trie(data, ptr, ids):
+    """Trie of the byte strings data[ptr[i]:ptr[i+1]] for i in ids, each node's token the id of
+    the string that ends there (the first listed wins). Returns (child, sibling, label, token,
+    root) with root[b] the node of the one-byte prefix b (-1: none)."""
+    capacity = 1
+    for i in ids:
+        capacity += ptr[i + 1] - ptr[i]
+    child = np.full(capacity, -1, np.int32)
+    sibling = np.full(capacity, -1, np.int32)
+    label = np.zeros(capacity, np.uint8)
+    token = np.full(capacity, -1, np.int32)
+    root = np.full(256, -1, np.int32)
+    nodes = 0
+    for i in ids:
+        node = -1
+        for q in range(ptr[i], ptr[i + 1]):
+            b = data[q]
+            if node < 0:
+                nxt = root[b]
+                if nxt < 0:
+                    nxt = nodes
+                    nodes += 1
+                    label[nxt] = b
+                    root[b] = nxt
+            else:
+                nxt = child[node]
+                while nxt >= 0 and label[nxt] != b:
+                    nxt = sibling[nxt]
+                if nxt < 0:
+                    nxt = nodes
+                    nodes += 1
+                    label[nxt] = b
+                    sibling[nxt] = child[node]
+                    child[node] = nxt
+            node = nxt
+        if node >= 0 and token[node] < 0:
+            token[node] = i
+    return child[:nodes], sibling[:nodes], label[:nodes], token[:nodes], root
+
+
+@njit(cache=True, nogil=True)
+def _first_of(child, sibling, label, token, root, pieces, lead, data, q0, q1):
+    """FirstToken for the bytes `lead` (if >= 0) + data[q0:q1]; -2 where the answer is -1
+    because ordinary tokens continue these bytes (FirstToken.started)."""
+    node = -1
+    best = -1
+    size = q1 - q0 + (1 if lead >= 0 else 0)
+    walked = 0
+    for r in range(size):
+        b = lead if (lead >= 0 and r == 0) else data[q0 + r - (1 if lead >= 0 else 0)]
+        if node < 0:
+            nxt = root[b]
+        else:
+            nxt = child[node]
+            while nxt >= 0 and label[nxt] != b:
+                nxt = sibling[nxt]
+        if nxt < 0:
+            break
+        node = nxt
+        walked += 1
+        if token[node] >= 0:
+            best = token[node]
+    if best >= 0:
+        return best
+    if size == 0:
+        return -1
+    if walked == size:
+        return -2  # a proper prefix of some ordinary token (a whole token would have been found)
+    first = lead if lead >= 0 else data[q0]
+    return pieces[first]
+
+
+@njit(cache=True, nogil=True)
+def _firsts(child, sibling, label, token, root, pieces, lead, data, starts, ends):
+    out = np.empty(len(starts), np.int32)
+    for q in range(len(starts)):
+        out[q] = _first_of(child, sibling, label, token, root, pieces, lead, data, starts[q], ends[q])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _suffixes(ptr, ids):
+    """(starts, ends) of every proper suffix data[ptr[x]+k : ptr[x+1]], 1 <= k < len(x), x in ids."""
+    total = 0
+    for x in ids:
+        total += max(ptr[x + 1] - ptr[x] - 1, 0)
+    starts = np.empty(total, np.int64)
+    ends = np.empty(total, np.int64)
+    n = 0
+    for x in ids:
+        for q in range(ptr[x] + 1, ptr[x + 1]):
+            starts[n] = q
+            ends[n] = ptr[x + 1]
+            n += 1
+    return starts, ends
+
+
+class ByteTrie:
+    """FirstToken over many byte strings at once, in compiled code (the same answers)."""
+
+    def __init__(self, target: TokenView):
+        table = bytes_to_id(target)
+        ordinary = np.array(sorted(i for i in table.values() if not target.byte_piece[i]), dtype=np.int64)
+        self.arrays = _build_trie(target.data, target.ptr, ordinary)
+        self.pieces = np.full(256, -1, np.int32)
+        for data, i in table.items():
+            if target.byte_piece[i]:
+                self.pieces[data[0]] = i
+
+    def firsts(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, lead: int = -1) -> np.ndarray:
+        """Per string data[starts[q]:ends[q]] (after the byte `lead` if >= 0): the FirstToken answer,
+        -2 where FirstToken says -1 because ordinary target tokens continue the bytes."""
+        return _firsts(*self.arrays, self.pieces, lead, data, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
+
+
+def byte_trie(target: TokenView) -> ByteTrie:
+    trie = target.__dict__.get("_byte_trie")
+    if trie is None:
+        trie = target.__dict__["_byte_trie"] = ByteTrie(target)
+    return trie
+
+
 def _special_map(source: TokenView, target: TokenView, x: int) -> int:
     if x == source.eos_id and target.eos_id >= 0:
         return target.eos_id
@@ -281,18 +407,20 @@ def _special_map(source: TokenView, target: TokenView, x: int) -> int:
     return target.unk_id if x == source.unk_id else -1
 
 
+def _special_maps(source: TokenView, target: TokenView, out: np.ndarray) -> np.ndarray:
+    """Ids without text (special or empty) in `out` set by _special_map; the others' mask."""
+    text = ~source.special & (source.lengths > 0)
+    for x in np.flatnonzero(~text):
+        out[x] = _special_map(source, target, int(x))
+    return text
+
+
 def default_map(source: TokenView, target: TokenView) -> np.ndarray:
-    first = first_token(target)
     out = np.full(source.size, -1, dtype=np.int32)
-    for x in range(source.size):
-        if source.special[x] or source.lengths[x] == 0:
-            out[x] = _special_map(source, target, x)
-            continue
-        data = source.token_bytes(x)
-        hit = first(data)
-        if hit < 0 and data not in first.started:
-            hit = target.unk_id  # bytes the target cannot spell at all: its unknown token
-        out[x] = hit
+    ids = np.flatnonzero(_special_maps(source, target, out))
+    hits = byte_trie(target).firsts(source.data, source.ptr[ids], source.ptr[ids + 1])
+    # bytes the target cannot spell at all (no token, no piece): its unknown token
+    out[ids] = np.where(hits == -2, -1, np.where(hits == -1, target.unk_id, hits))
     return out
 
 
@@ -300,13 +428,9 @@ def continuation_table(source: TokenView, target: TokenView) -> np.ndarray:
     """int32 aligned with source.data: entry source.ptr[x] + k (1 <= k < len(x)) is the target token
     the rest of x's bytes after its first k would start with (-1: none); entry ptr[x] is unused."""
     def build():
-        first = first_token(target)
         out = np.full(len(source.data), -1, dtype=np.int32)
-        for x in range(source.size):
-            data = source.token_bytes(x)
-            base = int(source.ptr[x])
-            for k in range(1, len(data)):
-                out[base + k] = first(data[k:])
+        starts, ends = _suffixes(source.ptr, np.arange(source.size, dtype=np.int64))
+        out[starts] = np.maximum(byte_trie(target).firsts(source.data, starts, ends), -1)
         return out
     return cached("continuation", source, target, len(source.data), build)
 
@@ -316,12 +440,8 @@ def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
     start with (for a target that puts a dummy space in front of the text and a source that does
     not); special tokens as in the default map."""
     def build():
-        first = first_token(target)
         out = np.full(source.size, -1, dtype=np.int32)
-        for x in range(source.size):
-            if source.special[x] or source.lengths[x] == 0:
-                out[x] = _special_map(source, target, x)
-            else:
-                out[x] = first(b" " + source.token_bytes(x))
+        ids = np.flatnonzero(_special_maps(source, target, out))
+        out[ids] = np.maximum(byte_trie(target).firsts(source.data, source.ptr[ids], source.ptr[ids + 1], 0x20), -1)
         return out
     return cached("dummy", source, target, source.size, build)
