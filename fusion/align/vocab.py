@@ -7,9 +7,14 @@ Modes:
   target token whose string is nearest by Levenshtein distance over code points, the lowest id
   winning ties (the original scans the target vocabulary in id order and keeps the first minimum).
   The original computes all |V_s| x |V_t| distances (827 s on 2 processes for 50k x 32k); we find
-  the same token by scanning targets in order of growing length difference and skipping every
-  target whose lower bound (length difference; characters present on one side only, through a
-  64-bit character mask) already exceeds the best distance found, in compiled parallel code.
+  the same token by branch and bound, in compiled parallel code, one of two ways per query.
+  Where few targets share its characters (a byte-level spelling of Cyrillic or CJK against a
+  SentencePiece vocabulary, the bulk of a 151k vocabulary's misses): a target sharing none is
+  at distance max(|x|, |y|) exactly, one sharing s characters (as a multiset) at least
+  max(|x|, |y|) - s, so only the sharing ones are compared, in order of that bound. Otherwise:
+  targets in order of growing length difference, skipping every target whose lower bound
+  (length difference; characters present on one side only, through a 64-bit character mask)
+  already exceeds the best distance found.
 - "default": by the bytes tokens stand for (tokens.py). A target token with the same bytes, else
   the longest target token whose bytes are a PREFIX of the source token's: the distance here is
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
@@ -25,7 +30,9 @@ Modes:
   target cannot spell at all, map to the target's unknown token if it has one, else -1.
 
 `continuation_table` / `dummy_prefix_table` extend the default map to source tokens whose first
-bytes are already committed (default.py) or that follow a target's dummy space.
+bytes are already committed (default.py) or that follow a target's dummy space. All three walk a
+byte trie of the target's ordinary tokens in compiled code (ByteTrie; FirstToken is the same
+rule in plain Python, which the tests compare it with).
 
 Maps are cached on disk, keyed by both views' hashes and the mode, in $FUSION_CACHE_DIR (default
 ~/.cache/fusion), written atomically (temporary file, then rename).
@@ -155,52 +162,177 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     return row[m]
 
 
-@njit(parallel=True, cache=True)
-def _nearest(qf, qp, qmask, tf, tp, tmask, by_length, length_start, longest):
-    """For each query string: the lowest target id at minimum Levenshtein distance.
+@njit(cache=True)
+def _nearest_one(qf, x0, x1, qmask, tf, tp, tmask, by_length, length_start, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], scanning targets in
+    order of growing length difference and skipping those whose lower bound (length difference;
+    characters present on one side only, through the 64-bit masks) already exceeds the best.
 
     by_length: target ids sorted by (length, id); length_start[L]: where length L begins."""
+    max_len = len(length_start) - 2
+    size = x1 - x0
+    best = np.int64(1) << 40
+    best_id = np.int64(1) << 40
+    for delta in range(max_len + size + 1):
+        if delta > best:
+            break
+        for side in range(2):
+            if side == 1 and delta == 0:
+                continue
+            length = size + delta if side == 0 else size - delta
+            if length < 0 or length > max_len:
+                continue
+            for r in range(length_start[length], length_start[length + 1]):
+                y = by_length[r]
+                bound = delta
+                only_left = _popcount(qmask & ~tmask[y])
+                only_right = _popcount(tmask[y] & ~qmask)
+                if only_left > bound:
+                    bound = only_left
+                if only_right > bound:
+                    bound = only_right
+                if bound > best or (bound == best and y > best_id):
+                    continue
+                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+                if d < best or (d == best and y < best_id):
+                    best = d
+                    best_id = y
+    return best_id
+
+
+@njit(cache=True)
+def _postings(tf, tp, chars):
+    """Per character (index into the sorted array `chars`): the targets holding it and how often,
+    as CSR (start, target, count)."""
+    n = len(tp) - 1
+    entries_char = np.empty(len(tf), np.int64)
+    entries_target = np.empty(len(tf), np.int32)
+    entries_count = np.empty(len(tf), np.int32)
+    e = 0
+    for y in range(n):
+        own = np.sort(np.searchsorted(chars, tf[tp[y]:tp[y + 1]]))
+        q = 0
+        while q < len(own):
+            r = q
+            while r < len(own) and own[r] == own[q]:
+                r += 1
+            entries_char[e] = own[q]
+            entries_target[e] = y
+            entries_count[e] = r - q
+            e += 1
+            q = r
+    order = np.argsort(entries_char[:e], kind="mergesort")  # stable: targets ascending per character
+    start = np.zeros(len(chars) + 1, np.int64)
+    for q in range(e):
+        start[entries_char[q] + 1] += 1
+    for c in range(len(chars)):
+        start[c + 1] += start[c]
+    return start, entries_target[:e][order], entries_count[:e][order]
+
+
+@njit(cache=True)
+def _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start, target, count,
+                       shared, stamp, mark, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], for a query whose
+    characters few targets hold. A target sharing no character with the query is at distance
+    max(|x|, |y|) exactly; one sharing `s` (multiset count) is at least max(|x|, |y|) - s away.
+    So: the best target sharing nothing, then the sharing ones in order of that bound."""
+    size = x1 - x0
+    own = np.sort(qf[x0:x1])
+    touched = []
+    q = 0
+    while q < size:
+        r = q
+        while r < size and own[r] == own[q]:
+            r += 1
+        c = np.searchsorted(chars, own[q])
+        if c < len(chars) and chars[c] == own[q]:
+            for e in range(start[c], start[c + 1]):
+                y = target[e]
+                if stamp[y] != mark:
+                    stamp[y] = mark
+                    shared[y] = 0
+                    touched.append(y)
+                shared[y] += min(r - q, count[e])
+        q = r
+    best = np.int64(1) << 40
+    best_id = np.int64(1) << 40
+    for y in by_id:  # sharing nothing, at most as long as the query: distance |x|, lowest id first
+        if tp[y + 1] - tp[y] > size:
+            continue
+        if stamp[y] != mark:
+            best, best_id = size, y
+            break
+    if best_id == np.int64(1) << 40:  # else the shortest longer one sharing nothing
+        for length in range(size + 1, len(length_start) - 1):
+            for r in range(length_start[length], length_start[length + 1]):
+                y = by_length[r]
+                if stamp[y] != mark:
+                    best, best_id = length, y
+                    break
+            if best_id != np.int64(1) << 40:
+                break
+    # the sharing targets by bound (a counting sort: bounds are small), each bucket in any order
+    top = 0
+    for y in touched:
+        top = max(top, max(size, tp[y + 1] - tp[y]) - shared[y])
+    fill = np.zeros(top + 2, np.int64)
+    for y in touched:
+        fill[max(size, tp[y + 1] - tp[y]) - shared[y] + 1] += 1
+    for b in range(top + 1):
+        fill[b + 1] += fill[b]
+    bucket_start = fill.copy()
+    ordered = np.empty(len(touched), np.int64)
+    for y in touched:
+        b = max(size, tp[y + 1] - tp[y]) - shared[y]
+        ordered[fill[b]] = y
+        fill[b] += 1
+    for b in range(top + 1):
+        if b > best:
+            break
+        for r in range(bucket_start[b], bucket_start[b + 1]):
+            y = ordered[r]
+            if b == best and y > best_id:
+                continue
+            d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+            if d < best or (d == best and y < best_id):
+                best, best_id = d, y
+    return best_id
+
+
+@njit(parallel=True, cache=True)
+def _nearest_all(qf, qp, qmask, tf, tp, tmask, by_id, by_length, length_start, longest, chars, start, target,
+                 count, chunks, shared_search):
+    """The nearest target for every query, each by the search likely cheaper for it: through the
+    targets that share its characters where those are not many more than the targets
+    (_nearest_by_shared), else by length (_nearest_one; for all queries without shared_search)."""
     nq = len(qp) - 1
     out = np.full(nq, -1, np.int32)
-    max_len = len(length_start) - 2
-    for q in prange(nq):
+    n_targets = len(tp) - 1
+    per = (nq + chunks - 1) // chunks
+    for part in prange(chunks):
+        shared = np.zeros(n_targets, np.int64)
+        stamp = np.zeros(n_targets, np.int64)
         row = np.empty(longest + 2, np.int64)
-        x0 = qp[q]
-        x1 = qp[q + 1]
-        size = x1 - x0
-        best = np.int64(1) << 40
-        best_id = np.int64(1) << 40
-        for delta in range(max_len + size + 1):
-            if delta > best:
-                break
-            for side in range(2):
-                if side == 1 and delta == 0:
-                    continue
-                length = size + delta if side == 0 else size - delta
-                if length < 0 or length > max_len:
-                    continue
-                for r in range(length_start[length], length_start[length + 1]):
-                    y = by_length[r]
-                    bound = delta
-                    only_left = _popcount(qmask[q] & ~tmask[y])
-                    only_right = _popcount(tmask[y] & ~qmask[q])
-                    if only_left > bound:
-                        bound = only_left
-                    if only_right > bound:
-                        bound = only_right
-                    if bound > best or (bound == best and y > best_id):
-                        continue
-                    d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-                    if d < best or (d == best and y < best_id):
-                        best = d
-                        best_id = y
-        out[q] = best_id
+        for qi in range(part * per, min(nq, (part + 1) * per)):
+            x0, x1 = qp[qi], qp[qi + 1]
+            work = 0
+            for q in range(x0, x1):
+                c = np.searchsorted(chars, qf[q])
+                if c < len(chars) and chars[c] == qf[q]:
+                    work += start[c + 1] - start[c]
+            if shared_search and work < 2 * n_targets:
+                out[qi] = _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start,
+                                             target, count, shared, stamp, qi + 1, row)
+            else:
+                out[qi] = _nearest_one(qf, x0, x1, qmask[qi], tf, tp, tmask, by_length, length_start, row)
     return out
 
 
-def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
+def nearest_strings(queries: list[str], targets: list[str], shared_search: bool = True) -> np.ndarray:
     """For each query: the index of the first target (in list order) at minimum Levenshtein
-    distance; empty target strings never win."""
+    distance; empty target strings never win. shared_search=False: every query by length alone
+    (the slower search this one replaced; the same answers)."""
     qf, qp = codepoints(queries)
     tf, tp = codepoints(targets)
     lengths = np.diff(tp)
@@ -209,7 +341,13 @@ def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
     max_len = int(lengths.max(initial=0))
     length_start = np.searchsorted(lengths[by_length], np.arange(max_len + 2)).astype(np.int64)
     longest = int(max(max_len, np.diff(qp).max(initial=0)))
-    return _nearest(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), by_length, length_start, longest)
+    chars = np.unique(tf)
+    start, target, count = _postings(tf, tp, chars)
+    from numba import get_num_threads
+
+    return _nearest_all(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), usable.astype(np.int64), by_length,
+                        length_start, longest, chars, start, target, count, max(1, get_num_threads() * 8),
+                        shared_search)
 
 
 def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
