@@ -26,6 +26,10 @@ from the same text: it predicts the same continuation, only spelled in source to
    text at the same offset (EOS after the same text on both sides shares the distribution), else
    their row gets none.
 
+5. A tokenizer that normalized the text (streams.locate) has tokens whose span in the text is not
+   their own spelling (a collapsed run of spaces). Case 1 holds for them as for any token; case 2
+   needs the committed bytes, which such a span does not give: no distribution there.
+
 Every row keeps the mass it could not place as `tail`: the source's own tail plus listed ids
 without a target token. Ids that land on the same target token add their probabilities. A row
 with no entries means no distribution: training falls back to the one-hot on the row's real
