@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--job", required=True, metavar="NAME", help="the controller's own Job: owner of every workload it creates")
     q.add_argument("--namespace", metavar="NAMESPACE", help="default: $POD_NAMESPACE, else the service account's namespace")
     q.add_argument("--poll-seconds", type=float, default=15.0, metavar="SECONDS", help="pause between looks at the store")
+    q.add_argument("--metrics-port", type=int, default=0, metavar="PORT", help="serve Prometheus metrics on this port (0: none)")
     q = k8s.add_parser("check", help="`helm test`: the spec parses and the store is reachable and writable")
     q.add_argument("spec", metavar="SPEC")
     k8s.add_parser("schema", help="print the Helm chart's values.schema.json (a run spec plus cluster keys)")
@@ -252,7 +253,7 @@ def cmd_k8s(args) -> int:
     if args.k8s_command == "controller":
         from fusion.k8s import controller
 
-        return controller.main(args.spec, args.workloads, args.job, args.namespace, args.poll_seconds)
+        return controller.main(args.spec, args.workloads, args.job, args.namespace, args.poll_seconds, args.metrics_port)
     if args.k8s_command == "check":
         from fusion.k8s import check
 
