@@ -132,22 +132,35 @@ def router_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith(".mlp.gate.weight")]
 
 
-def train_gates(folder: Path, gates: GateTraining) -> None:
-    """Next-token training of the routers of the mixture in `folder`, in place; all else frozen."""
+def train_gates(folder: Path, gates: GateTraining, block_tokens: int = 128) -> None:
+    """Next-token training of the routers of the mixture in `folder`, in place; all else frozen.
+    AdamW at a constant `lr` on random windows of `block_tokens` tokens of the text, each after BOS."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fusion import tiny
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     routers = set(router_names(model))
     for name, p in model.named_parameters():
         p.requires_grad_(name in routers)
-    texts = [Path(f).read_text(encoding="utf-8") for f in gates.text]
-    tiny.pretrain(model, tokenizer, texts, gates.steps, batch=gates.batch, lr=gates.lr, seed=gates.seed,
-                  progress="training the routers")
-    model.save_pretrained(str(folder))
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = []
+    for f in gates.text:
+        ids += tokenizer(Path(f).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    n_windows = len(ids) // block_tokens
+    if n_windows < 1:
+        raise FusionError(f"train_gates.text: fewer than {block_tokens} tokens of text")
+    windows = torch.tensor(ids[: n_windows * block_tokens]).reshape(n_windows, block_tokens)
+    gen = torch.Generator().manual_seed(gates.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=gates.lr, weight_decay=0.0)
+    model.train()
+    for _ in range(gates.steps):
+        rows = windows[torch.randint(n_windows, (gates.batch,), generator=gen)]
+        inputs = torch.cat([torch.full((gates.batch, 1), start), rows], dim=1)
+        model(input_ids=inputs, labels=inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval().save_pretrained(str(folder))
 
 
 # ---- command line ---------------------------------------------------------------------------------
