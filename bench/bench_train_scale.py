@@ -10,11 +10,14 @@ own encoder (fuse.pack) and committed with the real protocol, into a local store
 S3 server (moto on 127.0.0.1). Each set is trained for the same `steps` optimizer steps (torch
 engine, batch 8, lanes 4, windows of one shard) by the real train stage in a fresh process.
 
-Per run: the train process's peak resident memory (the kernel's ru_maxrss of the child) and
-steps per second of its step loop (every step timed in the child, the first two left out as
-warm-up). Prints a table, then as its last line a JSON object with rss_mb and steps_per_s per
-size (local; S3 under "s3"), ratios to 1x and S3 / local, and the goals (RSS at 16x within 10 %
-of 1x, steps per second within 5 % across sizes and stores).
+Per run: the train process's peak resident memory (the kernel's ru_maxrss of the child),
+steps per second of its step loop and CPU seconds per step of the whole process, all threads
+(every step timed in the child, the first two left out as warm-up). Every configuration runs
+`rounds` times, interleaved, and the medians are reported: on a shared machine wall time is
+noisy, CPU time per step much less so. Prints a table, then as its last line a JSON object with
+rss_mb and steps_per_s per size (local; S3 under "s3"), ratios to 1x and S3 / local, the load
+average before and after, and the goals (RSS at 16x within 10 % of 1x, steps per second within
+5 % across sizes and stores).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,9 +98,9 @@ def child(spec_path: str, times_path: str) -> None:
     times = []
 
     def step(*args, **kwargs):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         out = timed(*args, **kwargs)
-        times.append(time.perf_counter() - started)
+        times.append([time.perf_counter() - started, time.process_time() - cpu])
         return out
 
     train.train_step = step
@@ -115,7 +120,24 @@ def train_once(spec_path: Path, env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"training {spec_path} failed ({proc.returncode}):\n{out[-3000:]}")
     times = json.loads(times_path.read_text())[2:]
-    return {"rss_mb": usage.ru_maxrss / 1024, "steps_per_s": len(times) / sum(times), "steps": len(times) + 2}
+    wall, cpu = sum(t[0] for t in times), sum(t[1] for t in times)
+    return {"rss_mb": usage.ru_maxrss / 1024, "steps_per_s": len(times) / wall, "cpu_s_per_step": cpu / len(times),
+            "steps": len(times) + 2}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _clear_training(spec: dict) -> None:
+    """Remove a run's training outputs (checkpoints, model, logs), keeping its packed set."""
+    from fusion.config import parse_spec
+    from fusion.store import Store
+
+    parsed = parse_spec(spec)
+    store = Store(parsed.store, parsed.store_options)
+    for rel in ("train", "logs"):
+        store.remove(rel)
 
 
 def main() -> None:
@@ -124,6 +146,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=32, help="blocks per shard")
     parser.add_argument("--block-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration, interleaved; medians reported")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,6 +163,7 @@ def main() -> None:
     from tests.s3 import start_moto
 
     s3_env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    load_before = os.getloadavg()[0]
     os.environ.update(s3_env)
     server, endpoint = start_moto()
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-scale")
@@ -154,8 +178,7 @@ def main() -> None:
 
     env = {**os.environ, **s3_env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1"}
-    results: dict[str, dict[int, dict]] = {"local": {}, "s3": {}}
-    stored = {}
+    specs, stored = {}, {}
     for size in SIZES:
         count = size * args.shards
         blocks = count * args.blocks
@@ -165,15 +188,26 @@ def main() -> None:
             spec = micro.spec(url, **overrides)
             if where == "s3":
                 spec["store_options"] = {"endpoint_url": endpoint}
-            run = Run(parse_spec(spec))
-            stored[size] = write_packed_set(run, count, args.blocks, args.block_tokens)
+            stored[size] = write_packed_set(Run(parse_spec(spec)), count, args.blocks, args.block_tokens)
+            specs[where, size] = spec
+    runs: dict[tuple[str, int], list[dict]] = {key: [] for key in specs}
+    for r in range(args.rounds):  # interleaved rounds: machine noise spreads over every configuration
+        for (where, size), spec in specs.items():
             spec_path = work / f"{where}-{size}x.yaml"
             spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-            results[where][size] = train_once(spec_path, env)
-            r = results[where][size]
-            print(f"{where:5} {size:>2}x  {count:4} shards  {blocks:6} blocks  {stored[size] / 2**20:7.1f} MB packed  "
-                  f"peak RSS {r['rss_mb']:7.1f} MB  {r['steps_per_s']:6.2f} steps/s  ({r['steps']} steps)", flush=True)
+            _clear_training(spec)  # the packed set stays; the last round's checkpoints and model go
+            runs[where, size].append(train_once(spec_path, env))
     server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+    results = {"local": {}, "s3": {}}
+    print(f"{'store':5} {'size':>4} {'shards':>6} {'blocks':>6} {'packed MB':>9} {'peak RSS MB':>11} {'steps/s':>8} "
+          f"{'CPU s/step':>10}   (median of {args.rounds} rounds)")
+    for (where, size), got in runs.items():
+        r = {k: median([g[k] for g in got]) for k in ("rss_mb", "steps_per_s", "cpu_s_per_step")}
+        results[where][size] = r
+        print(f"{where:5} {size:>3}x {size * args.shards:>6} {size * args.shards * args.blocks:>6} "
+              f"{stored[size] / 2**20:>9.1f} {r['rss_mb']:>11.1f} {r['steps_per_s']:>8.3f} {r['cpu_s_per_step']:>10.4f}")
 
     local, s3 = results["local"], results["s3"]
     rss = {str(s): round(local[s]["rss_mb"], 1) for s in SIZES}
@@ -189,8 +223,10 @@ def main() -> None:
         "steps_per_s_over_1x": {w: {str(s): round(results[w][s]["steps_per_s"] / results[w][1]["steps_per_s"], 3)
                                     for s in SIZES} for w in results},
         "steps_per_s_s3_over_local": {str(s): round(s3[s]["steps_per_s"] / local[s]["steps_per_s"], 3) for s in SIZES},
+        "cpu_s_per_step": {w: {str(s): round(results[w][s]["cpu_s_per_step"], 4) for s in SIZES} for w in results},
         "steps": args.steps,
-        "load_1min": round(os.getloadavg()[0], 2),
+        "rounds": args.rounds,
+        "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     spread = [v for w in report["steps_per_s_over_1x"].values() for v in w.values()]
     spread += list(report["steps_per_s_s3_over_local"].values())
