@@ -11,7 +11,7 @@ given, GPU-hours (CPU core-hours for the CPU stages). Every input figure says wh
 - stored bytes per token of each stage: from the commit records of a pilot run
   (`--pilot STORE`: the same spec on a small share of the corpus, e.g.
   `--set corpus.max_documents=2000`), else the figures measured on real text by
-  bench/bench_bytes.py at top-k 10 (MEASURED), scaled by top_k / 10;
+  bench/bench_bytes.py at top-k 10 (MEASURED, each with its source), scaled by top_k / 10;
 - throughputs: `--throughput STAGE=TOKENS_PER_SECOND` (per GPU for logits, train and eval, per
   CPU core for align and fuse), else the tokens per second a pilot run's local timings show.
 
@@ -28,9 +28,13 @@ from dataclasses import dataclass, field
 from fusion.errors import FusionError
 from fusion.stages.split import CHARS_PER_TOKEN, FILL
 
-# Stored bytes per token at top-k 10, measured on real text by bench/bench_bytes.py (Llama-2
-# vocabulary target, GPT-NeoX, GPT-2 and OpenLLaMA vocabulary sources); split per byte of text.
-MEASURED = {"split": 0.42, "logits": 20.0, "align": 21.0, "fuse": 19.0}
+# Stored bytes per token at top-k 10 (split: per byte of text), and where each figure comes from.
+MEASURED = {
+    "split": (0.28, "English prose (corpus-sotu-en) compressed as split stores it"),
+    "logits": (20.0, "bench/bench_bytes.py, real text, top-k 10"),
+    "align": (21.0, "assumed: about a model's own logits (bench/bench_bytes.py measures it)"),
+    "fuse": (19.0, "bench/bench_bytes.py, real text, top-k 10"),
+}
 DEFAULT_TEXT_BYTES_PER_TOKEN = 4.0
 SAMPLE_CHARS = 2_000_000  # corpus characters tokenized to measure bytes per token
 DECODED_BYTES_PER_ENTRY = 6  # a packed row entry in the trainer's memory: int32 id + float16 log-prob
@@ -270,10 +274,11 @@ def make_plan(
     heldout_tokens = {m.name: heldout_bytes / bpt[m.name][0] for m in models}
 
     # stored bytes per token per stage
-    per_token = {k: (v, "bench/bench_bytes.py (real text, top-k 10)") for k, v in MEASURED.items()}
+    per_token = dict(MEASURED)
     for stage, k in (("logits", spec.logits.top_k), ("align", spec.logits.top_k), ("fuse", spec.fuse.top_k)):
         if k != 10:
-            per_token[stage] = (MEASURED[stage] * k / 10, f"bench/bench_bytes.py at top-k 10, scaled to {k}")
+            value, source = MEASURED[stage]
+            per_token[stage] = (value * k / 10, f"{source}; scaled to top-k {k}")
     if pilot:
         measured, speed = pilot_figures(pilot, spec)
         for stage, v in measured.items():
