@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fusion import shards
+from fusion import capture, shards
 from fusion.progress import bar
 from fusion.run import Run
 from fusion.stages import STAGES, split
@@ -37,6 +37,11 @@ def run_part(run: Run, stage: str, part: str) -> None:
 def prepare(run: Run) -> None:
     """Everything cheap that can reject bad input, before any expensive work."""
     run.preflight()
+    imported = capture.import_capture(run)  # before the plan: an imported plan is the plan
+    if imported is not None and run.spec.capture.store:
+        copied = sum(imported.shards.values())
+        print(f"[fusion] capture: {copied} shard(s) imported from {run.spec.capture.store} "
+              f"({', '.join(f'{k} {v}' for k, v in imported.shards.items())})", flush=True)
     split.plan(run)  # reads every document: empty or non-UTF-8 corpora fail here
     run.write_record()
 
