@@ -19,7 +19,7 @@ Tokenizers that normalize the text before cutting it (strip or collapse spaces, 
 lowercase) spell the NORMALIZED text, not the text. `locate` then checks the tokens against the
 tokenizer's own normalization of the text (TokenView.normalized) and carries their spans over to
 the text by a minimum-edit alignment of the two byte strings: every text byte belongs to one
-token (the spaces a run collapsed away to the token before its last space), and a token is `exact`
+token (a collapsed run of spaces to the token holding its first space), and a token is `exact`
 where its span is byte for byte its own spelling. The aligners use inexact spans only where they
 need no byte-level detail (a boundary at the token's start).
 """
@@ -169,9 +169,11 @@ def byte_alignment(stream, text, slack=8):
     substitution costs as much as a deletion and an insertion, so that equal bytes are matched
     wherever they can be: a longest common subsequence). Returns
     for every stream byte the text position where the alignment consumes it and whether it is
-    matched there by an equal byte. Of equally short alignments it takes the one that deletes the
-    repeats of a byte before matching it (a collapsed run of spaces keeps its last space, where
-    the text goes on as the tokens do; the tokenizers' own offsets say the same). Computed
+    matched there by an equal byte. Of equally short alignments it takes the one that matches a
+    byte before deleting its repeats: a collapsed run of spaces keeps its first space, so the
+    token holding it starts where the run does, as a target that spells the run as one token
+    ("    " then "if") has its boundaries (the tokenizers' own offsets start it at the last
+    space instead, where a target splitting "   " + " if" has its second one). Computed
     in a band around the diagonal wide enough for the length difference plus `slack`."""
     m, n = len(stream), len(text)
     lo = min(0, m - n) - slack  # band: lo <= j - i <= hi
@@ -192,16 +194,16 @@ def byte_alignment(stream, text, slack=8):
             if i == 0 and j == 0:
                 cur[b] = 0
                 continue
-            # ties go to the diagonal, then the deletion: walked back from the end, that puts a
-            # deleted byte before the equal byte it repeats (a run of spaces keeps its last)
+            # ties go to the deletion, then the diagonal: walked back from the end, that puts a
+            # deleted byte after the equal byte it repeats (a run of spaces keeps its first)
             best = big
             way = 0
+            if i > 0 and b + 1 < width and prev[b + 1] + 1 < best:
+                best, way = prev[b + 1] + 1, 2
             if i > 0 and j > 0:
                 c = prev[b] + (0 if text[i - 1] == stream[j - 1] else 2)
                 if c < best:
                     best, way = c, 1
-            if i > 0 and b + 1 < width and prev[b + 1] + 1 < best:
-                best, way = prev[b + 1] + 1, 2
             if j > 0 and b > 0 and cur[b - 1] + 1 < best:
                 best, way = cur[b - 1] + 1, 3
             cur[b] = best
