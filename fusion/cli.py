@@ -102,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(spec_path: str, store: str | None, overrides: list[str]):
     from fusion.config import load_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    return Run(load_spec(spec_path, overrides), store)
+    return open_run(load_spec(spec_path, overrides), store)
 
 
 def cmd_run(args) -> int:
     from fusion.launch_local import redo, run_all, summary
-    from fusion.stages import STAGES
+    from fusion.pipeline import STAGES, stage
 
     run = _run(args.spec, args.store, args.set)
     stages = None
@@ -121,32 +121,23 @@ def cmd_run(args) -> int:
     if args.redo:
         if args.redo not in STAGES:
             raise FusionError(f"--redo: unknown stage {args.redo!r} (known: {', '.join(STAGES)})")
-        redo(run, args.redo)
+        redo(run, stage(args.redo).name)
     run_all(run, stages)
     print(summary(run))
     return 0
 
 
 def cmd_stage(args) -> int:
-    from fusion.launch_local import prepare, run_part, shard_done
-    from fusion.stages import STAGES
+    """One stage on a pod: the shard of an Indexed Job ($JOB_COMPLETION_INDEX), or every pending one."""
+    from fusion.launch import AllShards, OneShard, run_part
+    from fusion.pipeline import stage
 
-    if args.stage not in STAGES:
-        raise FusionError(f"unknown stage {args.stage!r} (known: {', '.join(STAGES)})")
+    stage(args.stage)  # an unknown stage is refused before the spec's models load
     run = _run(args.spec, args.store, args.set)
-    module = STAGES[args.stage]
-    parts = [args.part] if args.part else module.parts(run)
-    for part in parts:
-        if part not in module.parts(run):
-            raise FusionError(f"stage {args.stage} has no part {part!r} (parts: {', '.join(module.parts(run))})")
-    if args.stage == "split":
-        prepare(run)
+    parts = run.pipeline.check_parts(args.stage, [args.part] if args.part else None)
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
     for part in parts:
-        if shard is None:
-            run_part(run, args.stage, part)
-        elif not shard_done(run, args.stage, part, int(shard)):
-            module.run_shard(run, part, int(shard))
+        run_part(run, args.stage, part, AllShards() if shard is None else OneShard(int(shard)))
     return 0
 
 
@@ -163,17 +154,19 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fusion.launch_local import shard_done
+    """The train stage's pods: with train.engine=deepspeed outside torchrun, torchrun is started
+    first (from the PyTorchJob's environment) and runs this command in every rank."""
+    from fusion.launch import OneShard, Part, run_part
     from fusion.stages import train
     from fusion.training import distributed
 
     run = _run(args.spec, args.store, args.set)
-    if shard_done(run, train.NAME, train.PART, 0):
+    if Part(run, train.NAME, train.PART).is_done(0):
         return 0
     if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():
         worker_args = [args.spec, *(["--store", args.store] if args.store else []), *(f"--set={s}" for s in args.set)]
         return distributed.launch(worker_args)
-    train.run_shard(run, train.PART, 0)
+    run_part(run, train.NAME, train.PART, OneShard(0))
     return 0
 
 
@@ -212,9 +205,9 @@ def cmd_status(args) -> int:
 
 def cmd_validate(args) -> int:
     from fusion.config import load_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    run = Run(load_spec(args.spec, args.set))
+    run = open_run(load_spec(args.spec, args.set))
     run.preflight()
     print(f"{args.spec}: valid ({len(run.sources)} source(s), target {run.target.name})")
     return 0

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from fusion import tiny
 from fusion.config import ModelSpec
 from fusion.errors import FusionError
 
@@ -13,12 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def model_dir(spec: ModelSpec) -> Path:
+def build_model(spec: ModelSpec) -> Path:
     """The model's local folder; `tiny:NAME` builds (once, cached) a built-in tiny model."""
     if spec.path.startswith("tiny:"):
-        from fusion import tiny
-
         return tiny.model_path(spec.path.removeprefix("tiny:"))
+    return model_dir(spec)
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    """The model's local folder. A `tiny:NAME` model must have been built (build_model): finding a
+    folder never trains one, so hashing a run's models has no side effects."""
+    if spec.path.startswith("tiny:"):
+        path = tiny.built_path(spec.path.removeprefix("tiny:"))
+        if not (path / "config.json").is_file():
+            raise FusionError(f"model '{spec.name}': {spec.path} is not built yet (fusion.models.build_model builds it)")
+        return path
     path = Path(spec.path).expanduser()
     if not (path / "config.json").is_file():
         raise FusionError(f"model '{spec.name}': {spec.path} is not a model folder (no config.json)")
@@ -37,6 +47,7 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    build_model(spec)
     path = tokenizer_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -117,7 +128,7 @@ def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = 
     partitions)."""
     from transformers import AutoModelForCausalLM
 
-    path = path or model_dir(spec)
+    path = path or build_model(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
     except Exception as e:

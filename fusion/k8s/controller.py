@@ -40,7 +40,9 @@ import yaml
 from fusion import shards
 from fusion.config import load_spec
 from fusion.errors import FusionError
+from fusion.pipeline import STAGES, attach, open_run
 from fusion.run import RUN_RECORD, Run
+from fusion.status import format_status, status
 
 STAGE_LABEL = "fusion.dev/stage"
 PART_LABEL = "fusion.dev/part"
@@ -153,9 +155,8 @@ class Workload:
 
 
 def load_workloads(path: Path, run: Run) -> list[Workload]:
-    """The workloads of the chart, prepare first; inputs and outputs from the stage code."""
-    from fusion.stages import STAGES
-
+    """The workloads of the chart, prepare first; inputs and outputs from the run's pipeline."""
+    attach(run, build_models=False)
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
     except (OSError, yaml.YAMLError) as e:
@@ -171,12 +172,11 @@ def load_workloads(path: Path, run: Run) -> list[Workload]:
             continue
         if stage not in STAGES:
             raise FusionError(f"{path}: unknown stage {stage!r} in {manifest['metadata']['name']}")
-        module = STAGES[stage]
-        parts = [labels[PART_LABEL]] if PART_LABEL in labels else module.parts(run)
+        parts = [labels[PART_LABEL]] if PART_LABEL in labels else run.pipeline.parts(stage)
         outputs = [(stage, p) for p in parts]
         inputs = []
         for p in parts:
-            inputs += [i for i in module.inputs(run, p) if i not in outputs and i not in inputs]
+            inputs += [i for i in run.pipeline.inputs(stage, p) if i not in outputs and i not in inputs]
         out.append(Workload(manifest, outputs, inputs))
     if not out or out[0].stage != PREPARE:
         raise FusionError(f"{path}: no prepare workload")
@@ -344,13 +344,11 @@ class Controller:
 
 
 def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | None, poll_seconds: float) -> int:
-    from fusion.status import format_status, status
-
-    run = Run(load_spec(spec_path))
+    run = open_run(load_spec(spec_path), build_models=False)
     namespace = namespace or _pod_namespace()
     controller = Controller(run, load_workloads(Path(workloads_path), run), Kube(namespace), job_name)
     controller.loop(poll_seconds)
-    print(format_status(status(run.store.url)), flush=True)
+    print(format_status(status(run.store)), flush=True)
     return 0
 
 

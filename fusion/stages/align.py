@@ -15,6 +15,7 @@ import numpy as np
 
 from fusion import encoding, shards
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import logits, split, vocab
 
 NAME = "align"
@@ -96,3 +97,6 @@ def read(run: Run, part: str, index: int, target_tokens: np.ndarray | None = Non
         "seq_bytes": stored["seq_bytes"].astype(np.int64),
         "seq_tokens": stored["seq_tokens"].astype(np.int64),
     }
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -20,6 +20,7 @@ from fusion.config import ModelSpec
 from fusion.errors import FusionError
 from fusion.progress import bar
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import align, logits, split, train
 
 NAME = "eval"
@@ -168,3 +169,5 @@ def plot(report: dict, log: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
 
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

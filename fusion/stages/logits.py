@@ -25,6 +25,7 @@ from fusion.encoding import id_dtype  # noqa: F401  (re-exported: stages use log
 from fusion.errors import FusionError
 from fusion.progress import bar
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import split
 
 NAME = "logits"
@@ -317,3 +318,6 @@ def decode(stored: dict[str, np.ndarray], names: list[str], k: int) -> dict[str,
         else:
             out[name] = stored[name]
     return out
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -31,6 +31,7 @@ from fusion import models, shards
 from fusion.errors import FusionError
 from fusion.progress import bar
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import fuse
 from fusion.training import checkpoint, data, distributed, engine, metrics
 
@@ -229,3 +230,6 @@ Training: {len(log)} steps, batch {spec.train.batch_size}, AdamW lr {spec.train.
 def model_folder(run: Run, scratch: Path) -> Path:
     """The committed fused model as a local folder (downloaded if the store is remote)."""
     return shards.read_files_shard(run.store, NAME, PART, 0, scratch)
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

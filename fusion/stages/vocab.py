@@ -10,6 +10,7 @@ import numpy as np
 
 from fusion import shards
 from fusion.run import Run
+from fusion.stages import Stage
 
 NAME = "vocab"
 
@@ -60,3 +61,6 @@ def run_shard(run: Run, part: str, index: int) -> None:
 
 def read(run: Run, part: str) -> np.ndarray:
     return shards.read_shard(run.store, NAME, part, 0)["mapping"]
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)
