@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import realtext  # noqa: E402
 
-from fusion import shards  # noqa: E402
+from fusion import scoring, shards  # noqa: E402
 from fusion.config import parse_spec  # noqa: E402
 from fusion.launch_local import run_all  # noqa: E402
 from fusion.pipeline import open_run  # noqa: E402
@@ -57,7 +57,7 @@ def padding_share(run: Run, part: str) -> float:
     real = padded = 0
     for i in range(logits.shard_count(run, part)):
         lengths = np.diff(logits.read(run, part, i, ["seq_ptr"])["seq_ptr"]).tolist()
-        for batch in logits.length_batches(lengths, run.spec.logits.batch_tokens):
+        for batch in scoring.length_batches(lengths, run.spec.logits.batch_tokens):
             real += sum(lengths[j] + 1 for j in batch)
             padded += (max(lengths[j] for j in batch) + 1) * len(batch)
     return round(1 - real / padded, 4)

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("align-fixture", help="run reference-mode alignment on a FuseLLM alignment fixture")
     p.add_argument("--fixture", required=True)
-    p.add_argument("--mode", required=True, choices=["hard", "soft"])
+    p.add_argument("--mode", required=True, choices=["reference-hard", "reference-soft", "hard", "soft"],
+                   help="align.mode (hard, soft: the same, short)")
     p.add_argument("--out", required=True)
 
     from fusion import ensemble  # light at import time: torch loads only when a command runs

@@ -45,7 +45,7 @@ def shard_count(run: Run, part: str) -> int:
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
-    from fusion.align import align_blocks_parallel
+    from fusion.align import align_blocks_parallel, resolve
 
     texts, _ = split.read_blocks(run, "train", index)
     target = logits.read(run, run.target.name, index, ["tokens", "seq_ptr"])
@@ -63,7 +63,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
         vocab.token_view(run, run.target.name),
         vocab.token_view(run, part),
         vocab.read(run, part),
-        run.spec.align.mode,
+        resolve(run.spec.align.mode),
         stats=stats,
         workers=run.spec.align.workers or os.cpu_count() or 1,
     )

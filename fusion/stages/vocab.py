@@ -49,9 +49,9 @@ def token_view(run: Run, name: str):
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
-    from fusion.align import vocab_map
+    from fusion.align import resolve
 
-    mapping = vocab_map(token_view(run, part), token_view(run, run.target.name), run.spec.align.mode)
+    mapping = resolve(run.spec.align.mode).vocab_map(token_view(run, part), token_view(run, run.target.name))
     mapping = np.asarray(mapping, dtype=np.int32)
     covered = float((mapping >= 0).mean()) if len(mapping) else 0.0
     shards.write_shard(
