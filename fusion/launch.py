@@ -111,7 +111,7 @@ def run_part(run: Run, name: str, part: str, claim: Claim) -> dict:
     """Compute the shards of one stage part that `claim` hands out, skipping committed ones, and
     commit the part if the claim does so. Returns {"computed": n, "committed": n}."""
     pipeline = attach(run).pipeline
-    if pipeline.stages[name].plan is not None and not pipeline.prepared:
+    if stage(name).plan is not None and not pipeline.prepared:
         pipeline.prepare()  # the plan is created once, whoever comes first
     done = {"computed": 0, "committed": 0}
     config_hash = run.hash(name, part)

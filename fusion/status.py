@@ -1,7 +1,7 @@
 """`fusion status`: what a run's store holds, per stage and part, read from commit records:
 shards committed (and leased by elastic workers right now), tokens, stored bytes and bytes
-per token. The outputs and their shard counts come from run.json (written when the run is
-prepared: fusion/pipeline.py), so no spec, model or stage code is needed to read a store.
+per token. The outputs are the run's (its pipeline, from the spec in run.json) and their shard
+counts run.json's (written when the run is prepared), so no model is loaded to read a store.
 
 `status(store)` takes an open Store (a Run's: the spec's store_options apply) or a URL; a bare
 s3:// URL is reached through the AWS environment (AWS_ENDPOINT_URL, ...)."""
@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 
 from fusion import leases, shards
+from fusion.config import parse_spec
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD
+from fusion.pipeline import attach
+from fusion.run import RUN_RECORD, Run
 from fusion.store import Store
 
 # the arrays whose rows are tokens: bytes per row is bytes per token there
@@ -32,25 +34,28 @@ def status(store: Store | str) -> dict:
     record = store.read_json(RUN_RECORD)
     if record is None:
         raise FusionError(f"{store.uri(RUN_RECORD)} does not exist: not a fusion run store")
+    spec = parse_spec(record["spec"], store.uri(RUN_RECORD))
+    pipeline = attach(Run(spec, store.url), build_models=False).pipeline  # the topology; no model is loaded
+    outputs = record.get("outputs", {})  # none yet: the run is not prepared
     rows = []
-    for key, output in record.get("outputs", {}).items():  # none listed: not prepared yet
-        stage, part = key.split("/", 1)
-        s = shards.part_status(store, stage, part)
-        leased = 0 if s.complete else live_leases(store, stage, part)
-        rows.append(
-            {
-                "stage": stage,
-                "part": part,
-                "shards": s.committed,
-                "leased": leased,
-                "total": output["shards"],
-                "complete": s.complete,
-                "rows": s.rows,
-                "bytes": s.stored_bytes,
-                "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in TOKEN_ROWS else None,
-            }
-        )
-    return {"run": record["spec"]["name"], "store": store.url, "parts": rows}
+    for stage in pipeline.stages:
+        for part in pipeline.parts(stage):
+            s = shards.part_status(store, stage, part)
+            leased = 0 if s.complete else live_leases(store, stage, part)
+            rows.append(
+                {
+                    "stage": stage,
+                    "part": part,
+                    "shards": s.committed,
+                    "leased": leased,
+                    "total": outputs.get(f"{stage}/{part}", {}).get("shards"),
+                    "complete": s.complete,
+                    "rows": s.rows,
+                    "bytes": s.stored_bytes,
+                    "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in TOKEN_ROWS else None,
+                }
+            )
+    return {"run": spec.name, "store": store.url, "parts": rows}
 
 
 def format_status(report: dict) -> str:
