@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion import models
 from fusion.errors import FusionError
 from fusion.scoring import TopK, bits_per_byte, concat, length_batches, score_blocks
 
@@ -58,10 +59,7 @@ class Member:
     @property
     def context_id(self) -> int:
         """The token every sequence starts from: BOS, or EOS for models trained without one."""
-        for tid in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
-            if tid is not None:
-                return int(tid)
-        raise FusionError(f"ensemble member '{self.name}': its tokenizer has neither a BOS nor an EOS token")
+        return models.context_token_id(self, self.tokenizer)
 
     @property
     def vocab_size(self) -> int:

@@ -68,7 +68,8 @@ def encode(tokenizer, texts: list[str], offsets: bool = False):
 
 
 def context_token_id(spec: ModelSpec, tokenizer) -> int:
-    """The token every block starts from: BOS, or EOS for models trained without a BOS."""
+    """The token every block starts from: BOS, or EOS for models trained without a BOS (`spec`:
+    anything with the model's `name`, for the message)."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)

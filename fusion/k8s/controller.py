@@ -4,8 +4,9 @@ It runs as a Job beside the run (helm/fusion/templates/controller.yaml) and crea
 stage's workload, rendered by Helm into the run's ConfigMap, once the stage's inputs are
 committed in the store. So no workload exists before it can start, and no GPU workload holds
 nodes while upstream work runs: a training job is created when the packed data is committed,
-not when alignment starts. The order comes from the data (each stage module's `inputs()` and
-the commit records), never from a fixed sequence.
+not when alignment starts. The order comes from the data (the run's pipeline says what each
+part reads, fusion/pipeline.py; run.json what it planned; commit records what is done), never
+from a fixed sequence.
 
 Every pass (each --poll-seconds) derives everything from the store and the API:
 
