@@ -110,9 +110,7 @@ class OneShard:
 def run_part(run: Run, name: str, part: str, claim: Claim) -> dict:
     """Compute the shards of one stage part that `claim` hands out, skipping committed ones, and
     commit the part if the claim does so. Returns {"computed": n, "committed": n}."""
-    pipeline = attach(run).pipeline
-    if stage(name).plan is not None and not pipeline.prepared:
-        pipeline.prepare()  # the plan is created once, whoever comes first
+    attach(run).pipeline.prepare_for(name)
     done = {"computed": 0, "committed": 0}
     config_hash = run.hash(name, part)
     if shards.is_part_committed(run.store, name, part, config_hash):

@@ -88,6 +88,12 @@ class Pipeline:
         self.write_record()
         self.prepared = True
 
+    def prepare_for(self, name: str) -> None:
+        """Prepare the run (once per process) before stage `name` runs, if the stage has a plan
+        that the run's shard counts come from; the plan is made once, whoever comes first."""
+        if stage(name).plan is not None and not self.prepared:
+            self.prepare()
+
     def write_record(self) -> None:
         """run.json: the resolved spec, its hash, the package versions that ran it, and every
         output's config hash and shard count.

@@ -339,3 +339,15 @@ def test_torchrun_arguments_from_the_pytorchjob_environment():
     elastic["PET_RDZV_ENDPOINT"] = "job-worker-0:23456"
     expected = ["--nnodes=1:3", "--nproc-per-node=4", "-m", "fusion", "train", "s.yaml"]
     assert distributed.torchrun_args(["s.yaml"], elastic) == expected
+
+
+def test_torchrun_arguments_from_the_trainjob_environment():
+    """Kubeflow Trainer v2's torch plugin sets PET_* only: node 0's address is PET_MASTER_ADDR."""
+    trainer_env = {
+        "PET_NNODES": "4", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "2",
+        "PET_MASTER_ADDR": "fuse-train-node-0-0.fuse-train", "PET_MASTER_PORT": "29400",
+    }
+    assert distributed.torchrun_args(["/etc/fusion/run.yaml"], trainer_env) == [
+        "--nnodes=4", "--nproc-per-node=auto", "--rdzv-backend=c10d", "--rdzv-endpoint=fuse-train-node-0-0.fuse-train:29400",
+        "--rdzv-id=fusion-train", "-m", "fusion", "train", "/etc/fusion/run.yaml",
+    ]

@@ -187,7 +187,7 @@ def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None
             out = Path(tmp)
             eng.module.config.use_cache = True
             eng.module.save_pretrained(out, state_dict=weights)
-            tokenizer.save_pretrained(out)
+            models.save_tokenizer(tokenizer, out, models.context_token_id(run.target, tokenizer))
             (out / "train_log.json").write_text(json.dumps(state.log, indent=0, sort_keys=True) + "\n")
             (out / "README.md").write_text(model_card(run, eng, state))
             attrs = {"steps": len(state.log), "skipped_blocks": state.skipped}
