@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="URL", help="run store URL, overriding the spec's `store`")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (repeatable)")
 
+    p = sub.add_parser("plan", help="what a run will take before any GPU work: shards, tokens, store bytes, GPU-hours per stage")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tokens", type=float, help="training-corpus size in target tokens (when corpus.path is not here)")
+    p.add_argument("--documents", type=int, help="documents in the corpus (with --tokens)")
+    p.add_argument("--bytes-per-token", type=float, help="text bytes per token of models whose tokenizer is not here")
+    p.add_argument("--pilot", metavar="STORE", help="a pilot run's store: measured bytes per token and throughputs")
+    p.add_argument("--throughput", action="append", default=[], metavar="STAGE=TOKENS_PER_S",
+                   help="per GPU (logits, train, eval) or CPU core (align, fuse); repeatable")
+    p.add_argument("--gpus", type=int, default=1, help="training processes (one per GPU)")
+    p.add_argument("--target-params", type=float, help="the target's parameters, if its config is not here")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("k8s", help="the Kubernetes side of a run (helm/fusion runs these)")
     k8s = p.add_subparsers(dest="k8s_command", required=True)
     q = k8s.add_parser("controller", help="create each stage's workload once its inputs are committed")
@@ -233,6 +246,28 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from fusion.config import load_spec
+    from fusion.plan import THROUGHPUT_STAGES, format_plan, make_plan
+
+    throughput = {}
+    for item in args.throughput:
+        stage, _, value = item.partition("=")
+        try:
+            throughput[stage] = float(value)
+        except ValueError:
+            raise FusionError(f"--throughput {item!r}: expected STAGE=TOKENS_PER_S, e.g. train=2200") from None
+        if stage not in THROUGHPUT_STAGES or throughput[stage] <= 0:
+            raise FusionError(f"--throughput {item!r}: stage one of {', '.join(THROUGHPUT_STAGES)}, a positive rate")
+    spec = load_spec(args.spec, args.set)
+    plan = make_plan(
+        spec, tokens=args.tokens, documents=args.documents, bytes_per_token=args.bytes_per_token, pilot=args.pilot,
+        throughput=throughput, gpus=args.gpus, target_params=args.target_params,
+    )
+    print(json.dumps(plan.as_json(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_k8s(args) -> int:
     if args.k8s_command == "controller":
         from fusion.k8s import controller
@@ -317,6 +352,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "train": cmd_train,
     "prepare": cmd_prepare,
+    "plan": cmd_plan,
     "k8s": cmd_k8s,
     "status": cmd_status,
     "report": cmd_report,

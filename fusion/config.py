@@ -152,6 +152,14 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     seed: int = 42
+    lanes: int = Field(
+        8, ge=1, description="Streams of shards every global batch is drawn from (fusion/training/data.py). "
+        "With the number of training ranks dividing it, each rank fetches and decodes only its own lanes' shards; "
+        "a rank holds up to 2 * (window_shards + 1) shards per lane of its own. Part of the data order.",
+    )
+    window_shards: int = Field(
+        1, ge=1, description="About this many shards' worth of blocks of a lane are shuffled together. Part of the data order.",
+    )
     engine: Literal["torch", "deepspeed"] = Field(
         "torch",
         description="torch: one plain process (the local tiny run); deepspeed: ZeRO data parallelism, "

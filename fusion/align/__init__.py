@@ -16,6 +16,7 @@ modes.py (the modes: which map and kernel each uses), blocks.py (align_blocks, a
 """
 
 from .blocks import align_blocks, align_blocks_parallel, coverage
+from .streams import check_placeable
 from .tokens import TokenView, content_hash, token_view
 from .modes import MODES, Mode, resolve, vocab_map
 
@@ -27,5 +28,5 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
     return run(fixture_dir, mode, out_path)
 
 
-__all__ = ["MODES", "Mode", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "content_hash",
-           "coverage", "resolve", "token_view", "vocab_map"]
+__all__ = ["MODES", "Mode", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "check_placeable",
+           "content_hash", "coverage", "resolve", "token_view", "vocab_map"]

@@ -32,7 +32,7 @@ from numba import njit
 from ..errors import FusionError
 from ..sparse import SparseRows, concat
 from .modes import Mode, resolve
-from .streams import block_prefixes, block_starts, place
+from .streams import block_prefixes, block_starts, locate
 from .tokens import TokenView
 
 
@@ -64,15 +64,17 @@ def _tokens(tokens, view: TokenView, side: str) -> np.ndarray:
 
 
 def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str, first_block: int):
-    """Each token's start in its block's text and its length in bytes (FusionError where the
-    tokens do not spell the text)."""
+    """Each token's start in its block's text, its length in bytes there and whether that span
+    is its own spelling (streams.locate; FusionError where the tokens do not spell the text)."""
     prefixes = block_prefixes(view.data, view.ptr, tokens, ptr, text, text_ptr)
     lengths = view.lengths[tokens].astype(np.int64)
+    exact = np.ones(len(tokens), dtype=np.bool_)
+    starts = block_starts(lengths, ptr, np.maximum(prefixes, 0))
     for blk in np.flatnonzero(prefixes < 0):
         a, b = ptr[blk], ptr[blk + 1]
         what = f"block {first_block + blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
-        prefixes[blk], lengths[a:b] = place(view, tokens[a:b], encoded[blk], what)
-    return block_starts(lengths, ptr, prefixes), lengths
+        starts[a:b], lengths[a:b], exact[a:b] = locate(view, tokens[a:b], encoded[blk], what)
+    return starts, lengths, exact
 
 
 @njit(cache=True, nogil=True)
@@ -135,11 +137,11 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     text_ptr = np.zeros(blocks + 1, dtype=np.int64)
     np.cumsum([len(t) for t in encoded], out=text_ptr[1:])
-    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
-    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
+    t_start, t_len, t_exact = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
+    s_start, s_len, s_exact = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
-    filled = mode.fill(source_view, target_view, mapping, t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start,
-                       s_len, topk_ids, topk_logprobs, tail)
+    filled = mode.fill(source_view, target_view, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr,
+                       s_start, s_len, s_exact, topk_ids, topk_logprobs, tail)
     rows = _sparse(filled.ids, filled.logprobs, filled.counts, filled.tails)
     if stats is not None:
         covered = filled.covered

@@ -60,11 +60,11 @@ def _warm_default(source: TokenView, target: TokenView) -> None:
     dummy_prefix_table(source, target)
 
 
-def _fill_default(source, target, mapping, t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len,
-                  topk_ids, topk_logprobs, tail) -> Filled:
+def _fill_default(source, target, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len,
+                  s_exact, topk_ids, topk_logprobs, tail) -> Filled:
     ids, logprobs, counts, tails, how = default_blocks(
-        t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs, tail,
-        source.data, source.ptr, mapping, continuation_table(source, target), dummy_prefix_table(source, target))
+        t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len, s_exact, topk_ids, topk_logprobs,
+        tail, source.data, source.ptr, mapping, continuation_table(source, target), dummy_prefix_table(source, target))
     ways = {"shared": SHARED, "conditioned": CONDITIONED, "dummy": DUMMY, "special": SPECIAL}
     return Filled(ids, logprobs, counts, tails, how, ways, int(np.sum(counts > 0)))
 
@@ -76,8 +76,8 @@ def _warm_reference(source: TokenView, target: TokenView) -> None:
 
 
 def _fill_reference(soft: bool):
-    def fill(source, target, mapping, t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len,
-             topk_ids, topk_logprobs, tail) -> Filled:
+    def fill(source, target, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len,
+             s_exact, topk_ids, topk_logprobs, tail) -> Filled:
         hard = HARD.vocab_map(source, target) if soft else mapping
         soft_map_ = mapping if soft else None
         first = _first_matches(source, target, s_tokens, s_ptr, t_tokens, t_ptr, soft_map_)
