@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     from fusion import ensemble  # light at import time: torch loads only when a command runs
 
     ensemble.add_cli(sub)
+    from fusion import merge
+
+    merge.add_cli(sub)
+    from fusion import moe
+
+    moe.add_cli(sub)
+    from fusion import vote
+
+    vote.add_cli(sub)
     return parser
 
 
@@ -346,6 +355,24 @@ def cmd_ensemble(args) -> int:
     return run_cli(args)
 
 
+def cmd_merge(args) -> int:
+    from fusion.merge import run_cli
+
+    return run_cli(args)
+
+
+def cmd_moe(args) -> int:
+    from fusion.moe import run_cli
+
+    return run_cli(args)
+
+
+def cmd_vote(args) -> int:
+    from fusion.vote import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -360,6 +387,9 @@ COMMANDS = {
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
     "ensemble": cmd_ensemble,
+    "merge": cmd_merge,
+    "moe": cmd_moe,
+    "vote": cmd_vote,
 }
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_model(spec: ModelSpec) -> Path:
-    """The model's local folder; `tiny:NAME` builds (once, cached) a built-in tiny model."""
+def build_model(spec: ModelSpec) -> None:
+    """Build (once, cached) a built-in `tiny:NAME` model; any other path is a folder already."""
     if spec.path.startswith("tiny:"):
-        return tiny.model_path(spec.path.removeprefix("tiny:"))
-    return model_dir(spec)
+        tiny.model_path(spec.path.removeprefix("tiny:"))
 
 
-def model_dir(spec: ModelSpec) -> Path:
-    """The model's local folder. A `tiny:NAME` model must have been built (build_model): finding a
-    folder never trains one, so hashing a run's models has no side effects."""
+def path_dir(spec: ModelSpec) -> Path:
+    """The folder `path` names. A `tiny:NAME` model must have been built (build_model): finding
+    its folder never trains one, so hashing a run's models has no side effects."""
     if spec.path.startswith("tiny:"):
         path = tiny.built_path(spec.path.removeprefix("tiny:"))
         if not (path / "config.json").is_file():
@@ -39,9 +38,24 @@ def model_dir(spec: ModelSpec) -> Path:
     return path
 
 
+def model_dir(spec: ModelSpec) -> Path:
+    """The model's local folder: `path_dir`, or for a target with `init: {upscale: ...}` the
+    up-scaled model of it (built once, cached; fusion/upscale.py)."""
+    path = path_dir(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:
+        from fusion import upscale
+
+        try:
+            return upscale.upscaled_dir(path, init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
+    return path
+
+
 def tokenizer_dir(spec: ModelSpec) -> Path:
     if spec.tokenizer is None:
-        return model_dir(spec)
+        return path_dir(spec)  # an up-scaled target keeps its base's tokenizer files
     path = Path(spec.tokenizer).expanduser()
     if path.is_file():
         raise FusionError(
@@ -113,7 +127,8 @@ def save_tokenizer(tokenizer, folder: Path, context_id: int) -> None:
 
 
 def model_config(spec: ModelSpec) -> dict:
-    path = model_dir(spec) / "config.json"
+    """The config.json of the folder `path` names (of the base, for a built target)."""
+    path = path_dir(spec) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -137,6 +152,14 @@ def max_positions(config: dict) -> int | None:
 def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
     """Cheap checks before any expensive work: vocabulary fits logits, blocks fit the context."""
     config = model_config(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:  # checked on the base: an up-scaled model keeps its vocabulary and positions
+        from fusion import upscale
+
+        try:
+            upscale.layer_plan(upscale.layer_count(path_dir(spec)), init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
     width = logit_width(config)
     if len(tokenizer) > width:
         raise FusionError(
@@ -149,9 +172,9 @@ def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
             f"model '{spec.name}': split.block_tokens={block_tokens} (+1 for BOS) exceeds the model's "
             f"{longest} positions"
         )
-    weights = list(model_dir(spec).glob("*.safetensors")) + list(model_dir(spec).glob("*.bin"))
+    weights = list(path_dir(spec).glob("*.safetensors")) + list(path_dir(spec).glob("*.bin"))
     if not weights:
-        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {model_dir(spec)}")
+        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {path_dir(spec)}")
 
 
 def torch_dtype(name: str):
@@ -165,7 +188,9 @@ def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = 
     partitions)."""
     from transformers import AutoModelForCausalLM
 
-    path = path or build_model(spec)
+    if path is None:
+        build_model(spec)
+        path = model_dir(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
     except Exception as e:

@@ -76,17 +76,22 @@ class Run:
         return h.hexdigest()[:16]
 
     def model_identity(self, name: str) -> dict:
-        """What identifies a model's weights without reading gigabytes: config and file sizes."""
+        """What identifies a model's weights without reading gigabytes: config and file sizes,
+        and for a built target (`init`) how it is built from them, so nothing is built here."""
         spec = self.model(name)
-        folder = models.model_dir(spec)
+        folder = models.path_dir(spec)
         weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-        return {
+        identity = {
             "path": spec.path,
             "dtype": spec.dtype,
             "config": json.loads((folder / "config.json").read_text()),
             "weights": weights,
             "tokenizer": self.tokenizer_hash(name),
         }
+        init = getattr(spec, "init", None)
+        if init is not None:
+            identity["init"] = init.model_dump(mode="json")
+        return identity
 
     def spec_hash(self) -> str:
         return fingerprint(self.spec.model_dump(mode="json", by_alias=True))
