@@ -4,9 +4,11 @@ logits and ends with exactly what a from-scratch run of that target makes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from fusion import shards, tiny
+from fusion import pipeline, shards, tiny
 from fusion.config import parse_spec
 from fusion.launch_local import run_all
 from fusion.run import Run
@@ -48,7 +50,7 @@ def test_a_second_target_reuses_every_source_logits_shard(micro, second_target, 
         computed[part] = computed.get(part, 0) + 1
         return real(run, part, index)
 
-    monkeypatch.setattr(logits, "run_shard", counting)
+    monkeypatch.setitem(pipeline.STAGES, "logits", dataclasses.replace(logits.STAGE, run_shard=counting))
     target = {"models.target": {"name": "gpt2-target", "path": str(second_target)}}
     reuse = Run(parse_spec(micro.spec(tmp_path / "second", **target, **{"capture.store": str(tmp_path / "first")})))
     run_all(reuse, STAGES)
