@@ -321,9 +321,9 @@ def with_overrides(spec: dict, overrides: dict) -> dict:
 
 def make_run(spec: dict, tokenizers: dict | None = None):
     from fusion.config import parse_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     if tokenizers is not None:
         run.__dict__["tokenizers"] = tokenizers  # Run.tokenizers is a cached_property: load them once
     return run

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from fusion import tiny
 from fusion.config import ModelSpec
 from fusion.errors import FusionError
 
@@ -13,12 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def path_dir(spec: ModelSpec) -> Path:
-    """The folder `path` names; `tiny:NAME` builds (once, cached) a built-in tiny model."""
+def build_model(spec: ModelSpec) -> None:
+    """Build (once, cached) a built-in `tiny:NAME` model; any other path is a folder already."""
     if spec.path.startswith("tiny:"):
-        from fusion import tiny
+        tiny.model_path(spec.path.removeprefix("tiny:"))
 
-        return tiny.model_path(spec.path.removeprefix("tiny:"))
+
+def path_dir(spec: ModelSpec) -> Path:
+    """The folder `path` names. A `tiny:NAME` model must have been built (build_model): finding
+    its folder never trains one, so hashing a run's models has no side effects."""
+    if spec.path.startswith("tiny:"):
+        path = tiny.built_path(spec.path.removeprefix("tiny:"))
+        if not (path / "config.json").is_file():
+            raise FusionError(f"model '{spec.name}': {spec.path} is not built yet (fusion.models.build_model builds it)")
+        return path
     path = Path(spec.path).expanduser()
     if path.is_file():
         raise FusionError(
@@ -61,6 +70,7 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    build_model(spec)
     path = tokenizer_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -81,7 +91,8 @@ def encode(tokenizer, texts: list[str], offsets: bool = False):
 
 
 def context_token_id(spec: ModelSpec, tokenizer) -> int:
-    """The token every block starts from: BOS, or EOS for models trained without a BOS."""
+    """The token every block starts from: BOS, or EOS for models trained without a BOS (`spec`:
+    anything with the model's `name`, for the message)."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -177,7 +188,9 @@ def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = 
     partitions)."""
     from transformers import AutoModelForCausalLM
 
-    path = path or model_dir(spec)
+    if path is None:
+        build_model(spec)
+        path = model_dir(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
     except Exception as e:

@@ -9,7 +9,7 @@ from fusion import models
 from fusion.config import parse_spec
 from fusion.errors import FusionError
 from fusion.launch_local import run_all
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.stages import train
 
 pytest.importorskip("mergekit")
@@ -33,7 +33,7 @@ def test_spec_refuses_bad_init_keys(micro, tmp_path):
     spec["models"]["sources"][0]["init"] = {"upscale": {"drop": 0}}
     with pytest.raises(FusionError, match="unknown key 'models.sources.0.init'"):
         parse_spec(spec)
-    run = Run(parse_spec(micro.spec(tmp_path / "s", **{"models.target.init": {"upscale": {"drop": 1}}})))
+    run = open_run(parse_spec(micro.spec(tmp_path / "s", **{"models.target.init": {"upscale": {"drop": 1}}})))
     with pytest.raises(FusionError, match="models.target.init.upscale: .*drop must be in 0..0"):
         run.preflight()  # checked on the base's config, before anything is built
     with pytest.raises(FusionError, match="models.target.init.upscale: .*drop must be in 0..0"):
@@ -41,8 +41,8 @@ def test_spec_refuses_bad_init_keys(micro, tmp_path):
 
 
 def test_upscale_then_fuse_is_one_run(micro, tmp_path):
-    plain = Run(parse_spec(micro.spec(tmp_path / "plain")))
-    run = Run(parse_spec(micro.spec(tmp_path / "up", **{"models.target.init": {"upscale": {"drop": 0}}})))
+    plain = open_run(parse_spec(micro.spec(tmp_path / "plain")))
+    run = open_run(parse_spec(micro.spec(tmp_path / "up", **{"models.target.init": {"upscale": {"drop": 0}}})))
     # same tokenizer, so the same split; the target's identity says how it is built, without building it
     assert run.model_identity("target")["init"] == {"upscale": {"drop": 0}}
     assert run.hash("split", "train") == plain.hash("split", "train")

@@ -12,11 +12,12 @@ import uuid
 from fusion.config import load_spec
 from fusion.errors import FusionError
 from fusion.run import RUN_RECORD, Run
+from fusion.status import format_status, status
 
 
 def main(spec_path: str) -> int:
     spec = load_spec(spec_path)
-    store = Run(spec).store  # the spec's store, reached as every stage reaches it
+    store = Run(spec).store  # the spec's store and store_options, reached as every stage reaches them
     probe = f"logs/probe-{uuid.uuid4().hex}.json"
     token = {"probe": probe}
     try:
@@ -31,9 +32,7 @@ def main(spec_path: str) -> int:
     print(f"run spec {spec_path}: valid (run '{spec.name}', {len(spec.models.sources)} source(s))")
     print(f"store {store.url}: reachable and writable")
     if store.exists(RUN_RECORD):
-        from fusion.status import format_status, status
-
-        print(format_status(status(store.url)))
+        print(format_status(status(store)))
     else:
         print("the run has not been prepared yet")
     return 0
