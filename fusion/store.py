@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +28,8 @@ import fsspec
 from fusion.config import StoreOptionsSpec
 from fusion.errors import FusionError
 
+# How often a create-if-absent that met a concurrent write to its key (409) is tried again.
+CONFLICT_RETRIES = 10
 
 def normalize_url(url: str) -> str:
     """Plain paths become absolute file:// URLs; URLs pass through."""
@@ -144,11 +148,8 @@ class Store:
             finally:
                 os.unlink(tmp)
         elif self.protocol in ("s3", "s3a"):
-            try:
-                self.fs.pipe_file(path, blob, mode="create")  # PUT with If-None-Match: *
+            if self._s3_create(path, blob):
                 return True
-            except FileExistsError:
-                pass
         elif self.protocol == "memory":  # one process: check-then-write cannot race
             if not self.fs.exists(path):
                 self.fs.pipe_file(path, blob)
@@ -156,6 +157,30 @@ class Store:
         else:
             raise FusionError(f"store {self.url}: create-if-absent is not supported for {self.protocol}://")
         return self.read_bytes(rel) == blob
+
+    def _s3_create(self, path: str, blob: bytes) -> bool:
+        """A PUT with `If-None-Match: *`; True if it wrote, False if the key exists.
+
+        The only precondition sent is "no object here", so any 412 PreconditionFailed means the
+        object exists, whatever the error body says (s3fs recognizes it only when the body names
+        the condition, which AWS and moto do and SeaweedFS and MinIO do not). A 409
+        ConditionalRequestConflict (a concurrent write to the key was in flight) is retried: its
+        outcome is then 201 or 412."""
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                self.fs.pipe_file(path, blob, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                status, code = s3_error(e)
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if (status == 409 or code == "ConditionalRequestConflict") and attempt + 1 < CONFLICT_RETRIES:
+                    time.sleep(min(0.05 * 2**attempt, 1.0) * (0.5 + random.random()))
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     def write_json(self, rel: str, obj: object, exclusive: bool = False) -> bool:
         return self.write_bytes(rel, json_bytes(obj), exclusive=exclusive)
@@ -209,12 +234,16 @@ class Store:
         return out
 
     def list(self, rel: str) -> list[str]:
-        """Names directly under rel (empty if it does not exist)."""
+        """Names directly under rel (empty if it does not exist). Some S3 servers (SeaweedFS)
+        keep listing a folder whose objects were all removed: never take a listed folder for
+        one that holds objects."""
+        folder = self.path(rel).rstrip("/")
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        # s3fs lists an emptied folder (that the server still keeps) as the folder itself
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != folder)
 
     def remove(self, rel: str) -> None:
         """Delete an object or a whole folder (nothing happens if it does not exist)."""
@@ -241,6 +270,19 @@ class Store:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(self.fs.cat_file(path))
         return local_dir
+
+
+def s3_error(e: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, S3 error code) of a failed S3 request, from the botocore ClientError that
+    s3fs keeps as the cause of the OSError it raises; (None, None) for other errors."""
+    seen = 0
+    while e is not None and seen < 8:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return status, response["Error"].get("Code")
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None, None
 
 
 def json_bytes(obj: object) -> bytes:

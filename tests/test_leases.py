@@ -12,13 +12,14 @@ from fusion.errors import NOT_READY_EXIT_CODE, FusionError
 from fusion.run import Run
 from fusion.store import Store
 from fusion.worker import run_worker
+from tests.s3 import S3_BACKENDS, s3_store
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", *S3_BACKENDS])
 def store(request, tmp_path):
     if request.param == "file":
         return Store(str(tmp_path / "run"))
-    return Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+    return s3_store(request, request.param)
 
 
 def test_one_holder_then_takeover_after_expiry(store):

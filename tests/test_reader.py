@@ -13,6 +13,7 @@ from fusion.sparse import SparseRows, concat
 from fusion.stages import fuse
 from fusion.store import Store
 from fusion.training import data
+from tests.s3 import S3_BACKENDS, s3_store
 
 BOS, PAD, VOCAB = 1, 0, 3000
 
@@ -37,13 +38,13 @@ def synthetic_shard(seed: int, blocks: int):
     return tokens, ptr, rows, rng.integers(0, 3, size=blocks).astype(np.uint8)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", *S3_BACKENDS])
 def packed_store(request, tmp_path):
     """A committed fuse part of 5 shards, and the same data as the trainer holds it in memory."""
     if request.param == "file":
         store = Store(str(tmp_path / "run"))
     else:
-        store = Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+        store = s3_store(request, request.param)
     parts = [synthetic_shard(i, 7 + 3 * i) for i in range(5)]
     for i, (tokens, ptr, rows, choice) in enumerate(parts):
         shards.write_shard(store, "fuse", "train", i, fuse.pack(tokens, ptr, rows, choice, VOCAB), "h", rows=rows.rows)
