@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
+from fusion.errors import NOT_READY_EXIT_CODE, FusionError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except FusionError as e:
+    except FusionError as e:  # bad input, or a store unreachable past the wait (e.exit_code says which)
         print(f"fusion: error: {e}", file=sys.stderr)
-        return BAD_INPUT_EXIT_CODE
+        return e.exit_code
     except KeyboardInterrupt:
         print("fusion: interrupted; run the same command again to continue", file=sys.stderr)
         return 130

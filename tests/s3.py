@@ -7,6 +7,8 @@ The proxy's faults, each drawn with its share of `rate`:
 - lose:    forward, then answer 500 InternalError (the request took effect, the client
            does not know: a retried conditional PUT then meets its own object)
 - stall:   forward, then send nothing for `stall_seconds` and close (the client times out)
+and, on demand, 409 ConditionalRequestConflict to the next `conflicts` conditional PUTs (what S3
+answers while another conditional write to the key is in flight).
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ class FaultyProxy:
         self.counts = {"requests": 0, "refuse": 0, "lose": 0, "stall": 0}
         self.writes: list[tuple[str, str, int]] = []  # (method, path, upstream status) of PUT/DELETE
         self.enabled = True
+        self.conflicts = 0  # answer this many next conditional PUTs with 409 ConditionalRequestConflict
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -207,8 +210,18 @@ class FaultyProxy:
             self.counts[fault] += 1
             return fault
 
+    def _take_conflict(self) -> bool:
+        with self.lock:
+            if self.conflicts > 0:
+                self.conflicts -= 1
+                return True
+            return False
+
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
+        if h.command == "PUT" and h.headers.get("If-None-Match") == "*" and self._take_conflict():
+            code = b"ConditionalRequestConflict"
+            return _reply(h, 409, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", code))
         fault = self._draw()
         if fault == "refuse":
             return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"SlowDown"))

@@ -1,7 +1,7 @@
 """`helm install` of a whole micro run on a simulated cluster (tests/k8s_sim.py): the Helm-
 rendered objects are applied to kmock's API emulator on 127.0.0.1, every pod runs as a local
-process against moto's S3 server on 127.0.0.1, and the run completes in the order of its data:
-no workload exists before its inputs are committed. Mid-run, the alignment workers are scaled
+process against an S3 server on 127.0.0.1 (moto's emulator, and SeaweedFS), and the run
+completes in the order of its data: no workload exists before its inputs are committed. Mid-run, the alignment workers are scaled
 1 -> 3 -> 2 and one is killed, and still every shard is committed exactly once. Then
 `helm uninstall` removes everything the run created, and installing again resumes from the
 store without recomputing anything."""
@@ -17,6 +17,7 @@ import pytest
 from fusion.config import TrainSpec
 from tests.helmchart import IMAGES, merge_values, render
 from tests.k8s_sim import ApiServer, Cluster, s3_server, secret, timeline, until
+from tests.s3 import S3_BACKENDS
 
 RELEASE = "micro"
 NAMESPACE = "fusion"
@@ -40,10 +41,10 @@ INPUTS = {
 }
 
 
-@pytest.fixture
-def s3():
-    """moto's S3 server, a versioned bucket (to count how often each object was written)."""
-    with s3_server(BUCKET, versioned=True) as server:
+@pytest.fixture(params=S3_BACKENDS)
+def s3(request):
+    """An S3 server (moto's, SeaweedFS), a versioned bucket (to count how often each object was written)."""
+    with s3_server(BUCKET, versioned=True, backend=request.param) as server:
         yield server
 
 

@@ -23,15 +23,16 @@ def store(request, tmp_path):
 
 
 def test_one_holder_then_takeover_after_expiry(store):
-    a = leases.claim(store, "align", "src", 3, "a", ttl=1.0)
+    ttl = 3.0  # long enough for a few requests to a busy server while the lease is live
+    a = leases.claim(store, "align", "src", 3, "a", ttl=ttl)
     assert a is not None and a.generation == 1
-    assert leases.claim(store, "align", "src", 3, "b", ttl=1.0) is None  # live: leave it
+    assert leases.claim(store, "align", "src", 3, "b", ttl=ttl) is None  # live: leave it
     assert a.renew()
-    time.sleep(1.2)  # a stops renewing: its lease expires
-    b = leases.claim(store, "align", "src", 3, "b", ttl=1.0)
+    time.sleep(ttl + 0.3)  # a stops renewing: its lease expires
+    b = leases.claim(store, "align", "src", 3, "b", ttl=ttl)
     assert b is not None and b.generation == 2
     assert not a.renew() and a.lost  # a learns it was presumed dead
-    assert leases.claim(store, "align", "src", 3, "c", ttl=1.0) is None
+    assert leases.claim(store, "align", "src", 3, "c", ttl=ttl) is None
     b.finish()
     assert leases.newest_generations(store, "align", "src") == {}
 
@@ -49,10 +50,10 @@ def test_released_lease_is_free_at_once(store):
 
 
 def test_renewal_thread_keeps_the_lease(store):
-    a = leases.claim(store, "logits", "m", 2, "a", ttl=0.8)
+    a = leases.claim(store, "logits", "m", 2, "a", ttl=2.0)
     a.start_renewing()
-    time.sleep(1.6)
-    assert leases.claim(store, "logits", "m", 2, "b", ttl=0.8) is None
+    time.sleep(4.0)  # two ttls: renewed in time, or b would claim
+    assert leases.claim(store, "logits", "m", 2, "b", ttl=2.0) is None
     a.stop_renewing()
 
 

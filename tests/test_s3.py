@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from fusion.cli import main
 from fusion.config import StoreOptionsSpec, parse_spec
@@ -39,6 +40,7 @@ def test_credentials_by_name_never_written(micro, s3_endpoint, s3_bucket, named_
     assert secret.encode() not in everything  # ... but never stored
     assert secret not in repr(run.store) + repr(run.spec)
     os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made with the same (no) arguments
     try:
         assert main(["status", f"s3://{s3_bucket}/run", "--json"]) == 0
     finally:

@@ -6,7 +6,7 @@ import pytest
 from fusion import shards
 from fusion.errors import FusionError
 from fusion.store import Store
-from tests.s3 import S3_BACKENDS, s3_store
+from tests.s3 import S3_BACKENDS, FaultyProxy, options_for, s3_store
 
 
 @pytest.fixture(params=["file", "memory", *S3_BACKENDS])
@@ -133,3 +133,18 @@ def test_racing_creates_give_one_winner(store):
     assert all(isinstance(r, bool) for r in results.values()), results
     winners = [i for i, won in results.items() if won]
     assert len(winners) == 1 and json.loads(store.read_bytes("race/_COMMITTED.json")) == {"writer": winners[0]}
+
+
+def test_create_retries_a_conflict(s3_endpoint, s3_bucket):
+    """409 ConditionalRequestConflict (a concurrent conditional write was in flight) is tried
+    again; the outcome is then written, or exists."""
+    proxy = FaultyProxy(s3_endpoint, rate=0.0)
+    try:
+        store = Store(f"s3://{s3_bucket}/run", options_for(proxy.url))
+        proxy.conflicts = 3
+        assert store.create("a.json", b"1")
+        proxy.conflicts = 2
+        assert not store.create("a.json", b"2")
+        assert proxy.conflicts == 0 and store.read_bytes("a.json") == b"1"
+    finally:
+        proxy.stop()

@@ -91,7 +91,7 @@ def save(run: Run, world: World, eng: engine.Engine, reader, state: TrainerState
     local = scratch / f"save-{state.step}"
     engine.save(eng, local / "engine")
     for f in sorted(p for p in (local / "engine").rglob("*") if p.is_file()):
-        store.fs.put_file(str(f), store.path(f"{rel}/engine/{f.relative_to(local / 'engine').as_posix()}"))
+        store.put_file(f, f"{rel}/engine/{f.relative_to(local / 'engine').as_posix()}")
     buf = io.BytesIO()
     torch.save({"data": reader.state_dict(), "rng": rng_state()}, buf)
     store.write_bytes(f"{rel}/{rank_file(world.rank)}", buf.getvalue())
@@ -165,15 +165,11 @@ def _fetch_engine_files(run: Run, rel: str, rank: int, local: Path) -> Path:
     direct = run.store.local_path(rel)
     if direct is not None:
         return direct
-    root = run.store.path(rel)
-    for path in run.store.fs.find(root):
-        name = path[len(root) + 1 :]
+    for name in run.store.find(rel):
         m = re.search(r"zero_pp_rank_(\d+)_", Path(name).name)
         if m and int(m.group(1)) != rank:
             continue  # another rank's ZeRO partition
-        dest = local / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        run.store.fs.get_file(path, str(dest))
+        run.store.get_file(f"{rel}/{name}", local / name)
     return local
 
 
