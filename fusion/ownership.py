@@ -1,0 +1,146 @@
+"""One owner per store: run.json says which run the store prefix belongs to.
+
+    run.json  {"owner": {"run": "tiny", "run_id": "local", "spec_hash": "3f2a..."}, "spec": ..., "outputs": ...}
+
+The owner is the run id plus the spec hash. The run id is the Helm release on Kubernetes (the
+chart sets FUSION_RUN_ID to it), else $FUSION_RUN_ID, else "local". The spec hash covers the
+whole spec except how the store is reached (`store`, `store_options`): two routes to the same
+store are the same run.
+
+The first process of a run creates run.json exclusively (create-if-absent), before any work.
+Every later process of the run compares:
+- another run id: refused, naming both runs. Another install (release) never writes here.
+- the same run id and spec hash: the same run (two `fusion run` at once, a restarted pod, a
+  resumed install); they cooperate through the commit protocol.
+- the same run id, another spec hash: the spec changed. If no stage output's config hash
+  changes (say train.keep_checkpoints), the new spec is adopted. Otherwise it is refused,
+  naming the outputs it would change, unless it is `fusion run --redo STAGE` whose STAGE is at
+  or before the first changed stage: then the outputs from STAGE on are deleted and the new
+  spec adopted. On Kubernetes that refusal is what a `helm upgrade` that changes the run spec
+  mid-run meets, in every pod that starts after it: nothing runs half-upgraded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fusion.config import fingerprint
+from fusion.errors import FusionError
+from fusion.run import RUN_RECORD, Run
+
+RUN_ID_ENV = "FUSION_RUN_ID"
+LOCAL = "local"
+
+
+def run_id() -> str:
+    return os.environ.get(RUN_ID_ENV) or LOCAL
+
+
+def spec_hash(run: Run) -> str:
+    """The run's identity hash: its spec without how the store is reached."""
+    spec = run.spec.model_dump(mode="json", by_alias=True)
+    spec.pop("store", None)
+    spec.pop("store_options", None)
+    return fingerprint(spec)
+
+
+def owner(run: Run) -> dict:
+    return {"run": run.spec.name, "run_id": run_id(), "spec_hash": spec_hash(run)}
+
+
+def describe(o: dict) -> str:
+    where = "run locally" if o.get("run_id") == LOCAL else f"release {o.get('run_id')}"
+    return f"run '{o.get('run')}' ({where}, spec hash {o.get('spec_hash')})"
+
+
+def claim(run: Run, redo: str | None = None) -> None:
+    """Make sure this run owns its store, before any work (see the module docstring). `redo`
+    is the stage a `--redo` will compute again, from which on changed outputs are allowed."""
+    mine = owner(run)
+    if run.store.create(RUN_RECORD, _initial_record(run, mine)):
+        return
+    record = run.store.read_json(RUN_RECORD) or {}
+    theirs = record.get("owner")
+    if theirs is None:  # a store of a version before owners: the run that finds it adopts it
+        return
+    refuse_other_run(run, theirs, mine)
+    if theirs.get("spec_hash") == mine["spec_hash"]:
+        return
+    changed = changed_outputs(run, record.get("outputs") or {})
+    if not changed:
+        return  # a change that no output depends on: write_record adopts the new spec
+    first = _first_stage(changed)
+    if redo is not None and _order(redo) <= _order(first):
+        return
+    where = run.store.uri(RUN_RECORD)
+    if mine["run_id"] != LOCAL:
+        raise FusionError(
+            f"{where}: the run spec of release {mine['run_id']} changed mid-run (spec hash {theirs.get('spec_hash')} -> "
+            f"{mine['spec_hash']}; it would change {', '.join(changed)}): refused, nothing was started with it. "
+            "Restore the previous values, or install the changed run under another store prefix"
+        )
+    if redo is not None:
+        raise FusionError(
+            f"{where}: --redo {redo} keeps {', '.join(o for o in changed if _order(o) < _order(redo))}, whose settings "
+            f"changed: run with --redo {first}"
+        )
+    raise FusionError(
+        f"{where} holds {describe(theirs)}; this spec (hash {mine['spec_hash']}) would change {', '.join(changed)}: "
+        f"run with --redo {first} to compute them again, or use another store"
+    )
+
+
+def check(run: Run) -> None:
+    """Refuse to work for a store another run owns, or under a spec other than the one its
+    owner recorded (a pod started after a `helm upgrade` changed the spec). No run.json yet:
+    nothing to check (the first process of the run creates it)."""
+    record = run.store.read_json(RUN_RECORD)
+    if not record or "owner" not in record:
+        return
+    mine, theirs = owner(run), record["owner"]
+    refuse_other_run(run, theirs, mine)
+    if theirs.get("spec_hash") != mine["spec_hash"] and changed_outputs(run, record.get("outputs") or {}):
+        raise FusionError(
+            f"{run.store.uri(RUN_RECORD)} holds {describe(theirs)}, this process has spec hash {mine['spec_hash']}: "
+            "the run spec changed mid-run (helm upgrade?); refused, nothing was started with it"
+        )
+
+
+def refuse_other_run(run: Run, theirs: dict, mine: dict) -> None:
+    if theirs.get("run_id") != mine["run_id"] or theirs.get("run") != mine["run"]:
+        raise FusionError(
+            f"store {run.store.url} belongs to {describe(theirs)}; this is {describe(mine)}: "
+            "refused before any work; give this run its own store"
+        )
+
+
+def changed_outputs(run: Run, recorded: dict[str, dict]) -> list[str]:
+    """Stage outputs ("stage/part") whose config hash differs between run.json and this spec,
+    in stage order; outputs that appear or disappear count as changed."""
+    from fusion.stages import STAGES
+
+    now = {f"{stage}/{part}": run.hash(stage, part) for stage, module in STAGES.items() for part in module.parts(run)}
+    if not recorded:
+        return []
+    keys = sorted(set(now) | set(recorded), key=_order_key)
+    return [k for k in keys if now.get(k) != (recorded.get(k) or {}).get("config_hash")]
+
+
+def _initial_record(run: Run, mine: dict) -> bytes:
+    from fusion.store import json_bytes
+
+    return json_bytes({"owner": mine, "spec": run.spec.model_dump(mode="json", by_alias=True), "store": run.store.url})
+
+
+def _order(output_or_stage: str) -> int:
+    from fusion.stages import STAGES
+
+    return list(STAGES).index(output_or_stage.split("/", 1)[0])
+
+
+def _order_key(output: str) -> tuple[int, str]:
+    return _order(output), output
+
+
+def _first_stage(outputs: list[str]) -> str:
+    return min(outputs, key=_order_key).split("/", 1)[0]
