@@ -5,9 +5,9 @@
 Writes a packed set (fuse stage shards) of 2048-token blocks with top-10 rows over a 32000
 vocabulary to a local store and to an S3 server (moto, on 127.0.0.1), then measures, side by
 side in one process:
-- reader_local / reader_s3: PackedReader with prefetch, batch 8, fully collated tensors;
-  reader_s3_window1: windows of one shard, so shards are downloaded while it runs
-- collate_in_memory: what the trainer runs now (fusion/training/data.py: blocks in memory, collated)
+- reader_local / reader_s3: the trainer's reader (fusion/training/data.py) with prefetch,
+  batch 8, fully collated tensors, 2 lanes and windows of one shard, so shards are downloaded
+  while it runs
 - trainer_cpu: one training step (forward, fusion loss, backward, AdamW) of a tiny Llama
   (hidden 128, 2 layers, 32000 vocabulary) at batch 8 x 2048 on this CPU
 Prints JSON with blocks per second and ratios (reader / trainer: how many times faster the
@@ -31,11 +31,10 @@ import torch  # noqa: E402
 
 from fusion import shards  # noqa: E402
 from fusion.config import StoreOptionsSpec  # noqa: E402
-from fusion.reader import PackedReader  # noqa: E402
-from fusion.sparse import SparseRows, concat  # noqa: E402
+from fusion.sparse import SparseRows  # noqa: E402
 from fusion.stages import fuse  # noqa: E402
 from fusion.store import Store  # noqa: E402
-from fusion.training import data  # noqa: E402
+from fusion.training.data import PackedReader  # noqa: E402
 
 VOCAB, LENGTH, K, BATCH = 32000, 2048, 10, 8
 
@@ -59,12 +58,16 @@ def write_packed(store: Store, parts) -> None:
     shards.commit_part(store, "fuse", "train", len(parts), "bench")
 
 
-def reader_rate(store: Store, steps: int, window: int | None = None) -> tuple[float, float]:
+def open_reader(store: Store) -> PackedReader:
+    return PackedReader(
+        store, batch_size=BATCH, seed=0, bos=1, pad=0, width=VOCAB, candidates=4, lanes=2, config_hash="bench"
+    )
+
+
+def reader_rate(store: Store, steps: int) -> tuple[float, float]:
     """(blocks per second after the first batch, seconds to the first batch)."""
     start = time.perf_counter()
-    reader = PackedReader(
-        store, batch_size=BATCH, seed=0, bos=1, pad=0, prefetch=4, config_hash="bench", window_shards=window
-    )
+    reader = open_reader(store)
     next(reader)
     first = time.perf_counter() - start
     start = time.perf_counter()
@@ -73,21 +76,6 @@ def reader_rate(store: Store, steps: int, window: int | None = None) -> tuple[fl
     rate = steps * BATCH / (time.perf_counter() - start)
     reader.close()
     return rate, first
-
-
-def collate_rate(parts, steps: int) -> float:
-    """The trainer's in-memory path (fusion/training/data.py): blocks already in memory, collated."""
-    lengths = np.concatenate([np.diff(p[1]) for p in parts])
-    ptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    tokens, choice = np.concatenate([p[0] for p in parts]), np.concatenate([p[3] for p in parts])
-    rows = concat([p[2] for p in parts])
-    packed = data.Packed(tokens, ptr, rows, rows.ptr, choice, np.zeros(len(lengths), np.int64), np.zeros(1, np.int64))
-    reader = data.BlockReader(packed, seed=0, rank=0, world_size=1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        data.collate([next(reader) for _ in range(BATCH)], 1, 0, VOCAB, int(choice.max()) + 1)
-    return steps * BATCH / (time.perf_counter() - start)
 
 
 def trainer_rate(store: Store, steps: int) -> float:
@@ -101,7 +89,7 @@ def trainer_rate(store: Store, steps: int) -> float:
     )
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reader = PackedReader(store, batch_size=BATCH, seed=0, bos=1, pad=0, config_hash="bench")
+    reader = open_reader(store)
     batches = [next(reader) for _ in range(steps + 1)]
     reader.close()
     start = None
@@ -144,12 +132,7 @@ def main() -> None:
     rates = {}
     rates["reader_local"], first["reader_local"] = reader_rate(local, args.steps)
     rates["reader_s3"], first["reader_s3"] = reader_rate(s3, args.steps)
-    # windows of one shard: shards are downloaded while the reader runs, not before
-    rates["reader_s3_window1"], first["reader_s3_window1"] = reader_rate(s3, args.steps, window=1)
-    rates.update({
-        "collate_in_memory": collate_rate(parts, args.steps),
-        "trainer_cpu": trainer_rate(local, args.trainer_steps),
-    })
+    rates["trainer_cpu"] = trainer_rate(local, args.trainer_steps)
     server.stop()
     print(
         json.dumps(
@@ -163,8 +146,6 @@ def main() -> None:
                 "seconds_to_first_batch": {k: round(v, 3) for k, v in first.items()},
                 "reader_local_over_trainer_cpu": round(rates["reader_local"] / rates["trainer_cpu"], 1),
                 "reader_s3_over_trainer_cpu": round(rates["reader_s3"] / rates["trainer_cpu"], 1),
-                "reader_s3_window1_over_trainer_cpu": round(rates["reader_s3_window1"] / rates["trainer_cpu"], 1),
-                "reader_local_over_collate_in_memory": round(rates["reader_local"] / rates["collate_in_memory"], 2),
             },
             indent=1,
         )

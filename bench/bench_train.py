@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -37,6 +38,7 @@ def build(args):
 
     from fusion.config import TrainSpec
     from fusion.sparse import SparseRows
+    from fusion.stages import fuse
     from fusion.training import data, engine
     from fusion.training.distributed import World
 
@@ -61,21 +63,23 @@ def build(args):
     eng = engine.Engine("torch", model, optimizer, scheduler, world, engine.batch_layout(spec, 1), "fp32", spec, 10**6)
 
     rng = np.random.default_rng(0)
-    blocks = []
-    for b in range(args.batch * 2):
-        n, k = args.seq, args.top_k
-        ids = np.stack([rng.choice(args.vocab, size=k, replace=False) for _ in range(n)])
-        tail = rng.uniform(0.05, 0.3, size=n)
-        lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=n), axis=1)[:, ::-1] * (1 - tail[:, None]))
-        rows = SparseRows.from_topk(ids, lp.astype(np.float32), tail.astype(np.float32))
-        blocks.append(data.Block(rng.integers(0, args.vocab, size=n), rows, b % 3, f"block {b}"))
+    n, k, blocks = args.seq, args.top_k, args.batch * 2
+    ids = np.stack([rng.choice(args.vocab, size=k, replace=False) for _ in range(n * blocks)])
+    tail = rng.uniform(0.05, 0.3, size=n * blocks)
+    lp = np.log(np.sort(rng.dirichlet(np.ones(k), size=n * blocks), axis=1)[:, ::-1] * (1 - tail[:, None]))
+    rows = SparseRows.from_topk(ids, lp.astype(np.float32), tail.astype(np.float32))
+    tokens = rng.integers(0, args.vocab, size=n * blocks)
+    seq_ptr = np.arange(0, n * blocks + 1, n, dtype=np.int64)
+    choice = np.arange(blocks) % 3
     # CLM-only training reads the same tokens and no teacher rows
-    n = args.seq
     empty = np.zeros(0, np.float32)
-    no_teacher = SparseRows(np.zeros(n, np.int32), np.zeros(0, np.int64), empty, np.zeros(n, np.float32))
-    plain = [data.Block(b.tokens, no_teacher, b.choice, b.where) for b in blocks]
-    halves = [slice(0, args.batch), slice(args.batch, None)]
-    return eng, {"fusion": [blocks[h] for h in halves], "clm": [plain[h] for h in halves]}
+    no_teacher = SparseRows(np.zeros(n * blocks, np.int32), np.zeros(0, np.int64), empty, np.zeros(n * blocks, np.float32))
+    halves = [list(range(args.batch)), list(range(args.batch, blocks))]
+    out = {}
+    for kind, teacher in (("fusion", rows), ("clm", no_teacher)):  # through the fuse stage's encoder and decoder
+        shard = data.Shard.from_decoded(0, fuse.decode(fuse.pack(tokens, seq_ptr, teacher, choice, args.vocab)))
+        out[kind] = [[(shard, b) for b in half] for half in halves]
+    return eng, out
 
 
 def step(eng, blocks, kind: str, vocab: int) -> None:
@@ -84,7 +88,7 @@ def step(eng, blocks, kind: str, vocab: int) -> None:
     from fusion.loss import fusion_loss
     from fusion.training import data, engine
 
-    batch = data.collate(blocks, bos=1, pad=0, width=vocab, candidates=3)
+    batch = SimpleNamespace(**data.collate(blocks, bos=1, pad=0, width=vocab, candidates=3))
     logits = engine.forward(eng, batch)
     if kind == "fusion":
         teacher = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail)

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusion.errors import FusionError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"  # usable as a store folder and a k8s name
+NAME_IN_WORDS = (
+    "1 to 40 lowercase letters, digits and '-', starting and ending with a letter or digit "
+    "(it names store folders and Kubernetes objects)"
+)
 
 
 class Strict(BaseModel):
@@ -148,6 +152,14 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     seed: int = 42
+    lanes: int = Field(
+        8, ge=1, description="Streams of shards every global batch is drawn from (fusion/training/data.py). "
+        "With the number of training ranks dividing it, each rank fetches and decodes only its own lanes' shards; "
+        "a rank holds up to 2 * (window_shards + 1) shards per lane of its own. Part of the data order.",
+    )
+    window_shards: int = Field(
+        1, ge=1, description="About this many shards' worth of blocks of a lane are shuffled together. Part of the data order.",
+    )
     engine: Literal["torch", "deepspeed"] = Field(
         "torch",
         description="torch: one plain process (the local tiny run); deepspeed: ZeRO data parallelism, "
@@ -195,6 +207,9 @@ class EvalSpec(Strict):
 
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_NAME_IN_WORDS = "an environment variable's name: letters, digits and '_', not starting with a digit"
+# What a pattern-checked value may hold, said in words instead of the regular expression.
+PATTERN_IN_WORDS = {NAME_PATTERN: NAME_IN_WORDS, ENV_NAME_PATTERN: ENV_NAME_IN_WORDS}
 
 
 class StoreOptionsSpec(Strict):
@@ -263,24 +278,40 @@ class RunSpec(Strict):
         return v
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """One line naming the key that is wrong, and where it came from: the spec file, or the
+    `--set KEY=VALUE` override that set it."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    source = _override_of(key, overrides) or source
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{more}"
     if first["type"] == "missing":
         return f"{source}: missing key '{key}'{more}"
+    if first["type"] == "string_pattern_mismatch":
+        words = PATTERN_IN_WORDS.get(first.get("ctx", {}).get("pattern"))
+        if words:
+            return f"{source}: key '{key}': {first['input']!r} is not a valid value; it may hold {words}{more}"
     return f"{source}: key '{key}': {first['msg']}{more}"
 
 
-def parse_spec(data: object, source: str = "run spec") -> RunSpec:
+def _override_of(key: str, overrides: list[str]) -> str | None:
+    """The `--set` item that set `key` (or a mapping above it), if any; the last one wins."""
+    for item in reversed(overrides):
+        set_key_ = item.partition("=")[0]
+        if key == set_key_ or key.startswith(set_key_ + ".") or set_key_.startswith(key + "."):
+            return f"--set {item}"
+    return None
+
+
+def parse_spec(data: object, source: str = "run spec", overrides: list[str] = ()) -> RunSpec:
     if not isinstance(data, dict):
         raise FusionError(f"{source}: expected a mapping of keys at the top level")
     try:
         return RunSpec.model_validate(data)
     except ValidationError as err:
-        raise FusionError(describe_validation_error(err, source)) from None
+        raise FusionError(describe_validation_error(err, source, list(overrides))) from None
 
 
 def set_key(data: dict, key: str, value) -> None:
@@ -313,6 +344,8 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FusionError(f"{path}: no such run spec") from None
+    except IsADirectoryError:
+        raise FusionError(f"{path}: is a folder, not a run spec file") from None
     except UnicodeDecodeError as e:
         raise FusionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
@@ -324,7 +357,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
         raise FusionError(f"{path}:{where}: malformed YAML: {problem}") from None
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, list(overrides))
-    return parse_spec(data, str(path))
+    return parse_spec(data, str(path), overrides)
 
 
 def fingerprint(obj: object) -> str:

@@ -6,7 +6,6 @@ shard is committed by its record, and training resumes from its newest checkpoin
 
 from __future__ import annotations
 
-import json
 import time
 
 from fusion import shards
@@ -50,29 +49,22 @@ def redo(run: Run, stage: str) -> None:
         run.store.remove(name)
 
 
-def run_all(run: Run, stages: list[str] | None = None) -> dict[str, float]:
+def run_all(run: Run, stages: list[str] | None = None, progress=None) -> dict[str, float]:
+    """Run the stages (default all) in order; returns each one's wall time in seconds.
+    `progress` (a fusion.summary.Progress, made here if not given) reports each stage: the
+    shards computed and reused, and the estimated time left."""
+    from fusion import summary
+
     prepare(run)
+    selected = [s for s in STAGES if stages is None or s in stages]
+    progress = progress or summary.Progress(run, selected)
+    progress.start()
     timings = {}
-    for stage, module in STAGES.items():
-        if stages is not None and stage not in stages:
-            continue
+    for stage in selected:
+        count = summary.count_shards(run, stage)
         started = time.perf_counter()
-        for part in module.parts(run):
+        for part in STAGES[stage].parts(run):
             run_part(run, stage, part)
         timings[stage] = round(time.perf_counter() - started, 2)
-        print(f"[fusion] {stage}: done in {timings[stage]:.1f} s", flush=True)
-    run.store.write_json("logs/local-timings.json", timings)
+        progress.stage_done(stage, count, timings[stage])
     return timings
-
-
-def summary(run: Run) -> str:
-    report = run.store.read_json("eval/report/shard-00000.json")
-    lines = [f"[fusion] run '{run.spec.name}' complete in {run.store.url}"]
-    if report is not None:
-        lines.append(f"[fusion] fused model: {run.store.uri(shards.files_path('train', 'model', 0))}")
-        lines.append(f"[fusion] report:      {run.store.uri(shards.files_path('eval', 'report', 0))}/report.json")
-        blob = run.store.read_bytes(f"{shards.files_path('eval', 'report', 0)}/report.json")
-        if blob:
-            for r in json.loads(blob)["results"]:
-                lines.append(f"[fusion]   {r['model']:<28} {r['bits_per_byte']:.4f} bits/byte")
-    return "\n".join(lines)

@@ -20,6 +20,10 @@ def model_dir(spec: ModelSpec) -> Path:
 
         return tiny.model_path(spec.path.removeprefix("tiny:"))
     path = Path(spec.path).expanduser()
+    if path.is_file():
+        raise FusionError(
+            f"model '{spec.name}': {spec.path} is a file; give the model's folder (the one holding config.json)"
+        )
     if not (path / "config.json").is_file():
         raise FusionError(f"model '{spec.name}': {spec.path} is not a model folder (no config.json)")
     return path
@@ -29,6 +33,11 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
     if spec.tokenizer is None:
         return model_dir(spec)
     path = Path(spec.tokenizer).expanduser()
+    if path.is_file():
+        raise FusionError(
+            f"model '{spec.name}': tokenizer {spec.tokenizer} is a file; give the folder that holds it "
+            f"(tokenizer.json, tokenizer_config.json), here {path.parent}"
+        )
     if not path.is_dir():
         raise FusionError(f"model '{spec.name}': tokenizer folder {spec.tokenizer} does not exist")
     return path
@@ -62,6 +71,33 @@ def context_token_id(spec: ModelSpec, tokenizer) -> int:
         if tid is not None:
             return int(tid)
     raise FusionError(f"model '{spec.name}': its tokenizer has neither a BOS nor an EOS token")
+
+
+def save_tokenizer(tokenizer, folder: Path, context_id: int) -> None:
+    """Save the tokenizer to `folder` so that encoding a text (tokenizer(text), add_special_tokens
+    left at its default) starts it with `context_id`, the token every block started from in
+    training and evaluation. Many tokenizers do not add their BOS themselves, and a model asked
+    without it continues from a context it never saw (often with whitespace only)."""
+    from tokenizers import Tokenizer, processors
+
+    tokenizer.save_pretrained(folder)
+    if tokenizer("a")["input_ids"][:1] == [context_id]:
+        return  # it adds it already
+    token = tokenizer.convert_ids_to_tokens(context_id)
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    template = processors.TemplateProcessing(
+        single=[token, "$A"], pair=[token, "$A", token, "$B:1"], special_tokens=[(token, context_id)]
+    )
+    existing = backend.post_processor
+    keep = existing is not None and not isinstance(existing, processors.TemplateProcessing)
+    backend.post_processor = processors.Sequence([existing, template]) if keep else template  # e.g. ByteLevel offsets
+    backend.save(str(Path(folder) / "tokenizer.json"))
+    config_path = Path(folder) / "tokenizer_config.json"
+    if config_path.is_file():  # tokenizer classes that rebuild their post-processor read these flags
+        config = json.loads(config_path.read_text())
+        if "add_bos_token" in config and context_id == tokenizer.bos_token_id:
+            config["add_bos_token"] = True
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def model_config(spec: ModelSpec) -> dict:

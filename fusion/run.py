@@ -115,9 +115,12 @@ class Run:
 
     def preflight(self) -> None:
         """Cheap checks that catch bad input before any expensive work."""
+        from fusion.align import check_placeable, token_view
+
         for m in self.spec.models.all():
             models.check_model(m, self.tokenizers[m.name], self.spec.split.block_tokens)
             models.context_token_id(m, self.tokenizers[m.name])
+            check_placeable(self.tokenizers[m.name], token_view(self.tokenizers[m.name], m.name), m.name)
         corpus = self.spec.corpus.path
         if not corpus.startswith("tiny:") and not Path(corpus).expanduser().exists():
             raise FusionError(f"corpus.path: {corpus} does not exist")

@@ -19,7 +19,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "fusion"
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
-PYTORCHJOB_CRD = REPO.parent / "shared" / "k8s-schemas" / "kubeflow.org_pytorchjobs.yaml"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+PYTORCHJOB_CRD = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+# Kubeflow Trainer v2.3: kind -> its CRD; and the torch runtime that release ships
+TRAINER_CRDS = {
+    "TrainJob": SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml",
+    "ClusterTrainingRuntime": SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "TrainingRuntime": SCHEMAS / "trainer.kubeflow.org_trainingruntimes.yaml",
+}
+TORCH_DISTRIBUTED = SCHEMAS / "runtime-torch-distributed.yaml"
 KUBE_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33", "1.34"]
 
 # Values every install needs besides a run spec: image digests (images/README.md).
@@ -131,10 +139,15 @@ def validate_kubernetes(obj: dict, version: str) -> None:
 
 
 @functools.cache
-def pytorchjob_schema() -> dict:
-    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
+def crd_schema(path: Path) -> dict:
+    """A CRD's structural schema (its first version's openAPIV3Schema), unknown fields closed."""
+    crd = yaml.safe_load(Path(path).read_text())
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return _closed(schema)
+
+
+def pytorchjob_schema() -> dict:
+    return crd_schema(PYTORCHJOB_CRD)
 
 
 def _closed(node):
@@ -159,12 +172,21 @@ def validate_pytorchjob(obj: dict) -> None:
     jsonschema.Draft7Validator(pytorchjob_schema()).validate(obj)
 
 
+def validate_trainer(obj: dict) -> None:
+    """A TrainJob or (Cluster)TrainingRuntime against Kubeflow Trainer v2.3's CRD (the
+    structural schema; the CEL rules in x-kubernetes-validations are not evaluated)."""
+    jsonschema.Draft7Validator(crd_schema(TRAINER_CRDS[obj["kind"]])).validate(obj)
+
+
 def pod_templates(obj: dict) -> list[dict]:
-    """The pod templates of a Job or a PyTorchJob."""
+    """The pod templates of a Job, a PyTorchJob or a training runtime (a TrainJob has none of
+    its own: its pods are its runtime's, see tests/k8s_sim.trainjob_pod)."""
     if obj["kind"] == "PyTorchJob":
         return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
     if obj["kind"] == "Job":
         return [obj["spec"]["template"]]
+    if obj["kind"] in ("ClusterTrainingRuntime", "TrainingRuntime"):
+        return [r["template"]["spec"]["template"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     if obj["kind"] == "Pod":
         return [{"metadata": obj["metadata"], "spec": obj["spec"]}]
     return []

@@ -8,6 +8,10 @@ HTTP). The test plays the cluster's other parts, each through that API, as the r
   finalizer, JOB_COMPLETION_INDEX through the downward API;
 - the Kubeflow training operator: a PyTorchJob's Master and Worker pods with the PET_*
   variables torchrun reads, restartPolicy ExitCode;
+- Kubeflow Trainer v2 (and the JobSet under it): a TrainJob's node pods built from its
+  (Cluster)TrainingRuntime, the TrainJob's runtimePatches and trainer (trainjob_pod), with the
+  PET_* variables of the torch plugin; a node Job failed by its podFailurePolicy fails the
+  TrainJob, any other failure restarts every node (failurePolicy.maxRestarts times);
 - the garbage collector: objects whose owner is gone are deleted (cascading);
 - the kubelet: each pod's container runs as a local process with the environment Kubernetes
   would give it (env, fieldRef and secretKeyRef resolved, the service account's API access
@@ -50,12 +54,21 @@ RESOURCES = {
     "v1/configmaps": "ConfigMap",
     "v1/secrets": "Secret",
     "v1/serviceaccounts": "ServiceAccount",
+    "v1/services": "Service",
+    "v1/events": "Event",
+    "monitoring.coreos.com/v1/servicemonitors": "ServiceMonitor",
     "rbac.authorization.k8s.io/v1/roles": "Role",
     "rbac.authorization.k8s.io/v1/rolebindings": "RoleBinding",
     "batch/v1/jobs": "Job",
     "kubeflow.org/v1/pytorchjobs": "PyTorchJob",
+    "trainer.kubeflow.org/v1alpha1/trainjobs": "TrainJob",
+    "trainer.kubeflow.org/v1alpha1/trainingruntimes": "TrainingRuntime",
+    "trainer.kubeflow.org/v1alpha1/clustertrainingruntimes": "ClusterTrainingRuntime",
 }
 PLURALS = {kind: key for key, kind in RESOURCES.items()}
+CLUSTER_SCOPED = {"ClusterTrainingRuntime"}
+TRAINER_STEP = "trainer.kubeflow.org/trainjob-ancestor-step"
+JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 
 
 def now() -> str:
@@ -69,7 +82,7 @@ class ApiServer(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         for key, kind in RESOURCES.items():
-            self.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=True)
+            self.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=kind not in CLUSTER_SCOPED)
 
     async def _handle(self, request):
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
@@ -114,7 +127,8 @@ class Cluster:
         self.session: aiohttp.ClientSession | None = None
         self.processes: dict[str, Process] = {}  # pod uid -> its container
         self.jobs: dict[str, JobState] = {}  # job uid -> state
-        self.ports: dict[str, int] = {}  # PyTorchJob uid -> its rendezvous port
+        self.ports: dict[str, int] = {}  # PyTorchJob or TrainJob uid -> its rendezvous port
+        self.restarts: dict[str, int] = {}  # TrainJob uid -> JobSet restarts so far
         self.events: list[tuple[float, str]] = []  # the timeline
         self.started = time.monotonic()
         root.mkdir(parents=True, exist_ok=True)
@@ -148,7 +162,8 @@ class Cluster:
     def path(self, kind: str, name: str | None = None) -> str:
         group_version, plural = PLURALS[kind].rsplit("/", 1)
         base = f"/api/{group_version}" if group_version == "v1" else f"/apis/{group_version}"
-        return f"{self.url}{base}/namespaces/{self.namespace}/{plural}" + (f"/{name}" if name else "")
+        scope = "" if kind in CLUSTER_SCOPED else f"/namespaces/{self.namespace}"
+        return f"{self.url}{base}{scope}/{plural}" + (f"/{name}" if name else "")
 
     async def _json(self, method: str, url: str, body=None):
         async with self.session.request(method, url, json=body) as r:
@@ -178,7 +193,8 @@ class Cluster:
     # ---- `helm install`, `kubectl` --------------------------------------------------------------
     async def apply(self, objects: list[dict]) -> None:
         for obj in objects:
-            obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}}
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}}
             await self.create(obj)
 
     async def uninstall(self, objects: list[dict]) -> None:
@@ -197,6 +213,9 @@ class Cluster:
         await self.release_orphans(pods, {j["metadata"]["uid"] for j in snapshot["Job"]})
         for job in snapshot["PyTorchJob"]:
             await self.sync_pytorchjob(job, pods)
+        runtimes = {(o["kind"], o["metadata"]["name"]): o for kind in ("TrainingRuntime", "ClusterTrainingRuntime") for o in snapshot[kind]}
+        for job in snapshot["TrainJob"]:
+            await self.sync_trainjob(job, pods, runtimes)
         await self.kubelet(pods)
 
     async def collect_garbage(self, snapshot: dict[str, list[dict]]) -> None:
@@ -396,6 +415,55 @@ class Cluster:
             }
         )
 
+    # ---- Kubeflow Trainer v2 -------------------------------------------------------------------------
+    async def sync_trainjob(self, job: dict, all_pods: list[dict], runtimes: dict) -> None:
+        """Node pods named <job>-node-0-<i>: the JobSet's one replicated Job `node`, numNodes
+        pods. All of them exit 0: Complete. A pod failed and its Job's podFailurePolicy says
+        FailJob (the JobSet's failurePolicy rule for PodFailurePolicy: FailJobSet): Failed. Any
+        other failure recreates every node pod, failurePolicy.maxRestarts times at most."""
+        meta, spec = job["metadata"], job["spec"]
+        if any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed") for c in (job.get("status") or {}).get("conditions") or []):
+            return
+        ref = spec["runtimeRef"]
+        runtime = runtimes.get((ref.get("kind", "ClusterTrainingRuntime"), ref["name"]))
+        if runtime is None:
+            return  # the real controller waits, reporting the missing runtime in its status
+        pods = {p["metadata"]["name"]: p for p in owned(all_pods, meta["uid"])}
+        nodes = spec["trainer"].get("numNodes", runtime["spec"]["mlPolicy"].get("numNodes", 1))
+        port = self.ports.setdefault(meta["uid"], free_port())
+        names = [f"{meta['name']}-node-0-{i}" for i in range(nodes)]
+        codes = {}
+        for rank, name in enumerate(names):
+            if name not in pods:
+                pod = trainjob_pod(job, runtime, rank, "127.0.0.1", port)  # one host here: the headless Service's name is this machine
+                pod["metadata"].update(name=name, ownerReferences=[owner_ref(job)])
+                self.event(f"TrainJob {meta['name']}: pod {name} (node {rank} of {nodes})")
+                await self.create(pod)
+            elif pods[name]["status"].get("phase") in ("Succeeded", "Failed"):
+                codes[name] = exit_code(pods[name])
+        condition = None
+        failed = {name: code for name, code in codes.items() if code != 0}
+        node_job = _trainer_job(runtime)
+        policy = node_job["template"]["spec"].get("podFailurePolicy")
+        restarts = runtime["spec"]["template"]["spec"].get("failurePolicy", {}).get("maxRestarts", 0)
+        if failed:
+            name, code = next(iter(failed.items()))
+            if pod_failure_action(policy, pods[name]) == "FailJob":
+                condition = {"type": "Failed", "status": "True", "reason": "TrainingRuntimeFailed", "message": f"{name} exited {code} (PodFailurePolicy)"}
+            elif self.restarts.get(meta["uid"], 0) >= restarts:
+                condition = {"type": "Failed", "status": "True", "reason": "TrainingRuntimeFailed", "message": f"{name} exited {code}, {restarts} restart(s) used"}
+            else:
+                self.restarts[meta["uid"]] = self.restarts.get(meta["uid"], 0) + 1
+                self.event(f"TrainJob {meta['name']}: {name} exited {code}, restarting the JobSet")
+                for other in names:
+                    if other in pods:
+                        await self.delete("Pod", other)
+        elif len(codes) == nodes:
+            condition = {"type": "Complete", "status": "True", "reason": "JobsCompleted"}
+        if condition is not None:
+            self.event(f"TrainJob {meta['name']}: {condition['type']}")
+            await self.patch("TrainJob", meta["name"], {"status": {"conditions": [condition]}})
+
     # ---- the kubelet ------------------------------------------------------------------------------
     async def kubelet(self, pods: list[dict]) -> None:
         seen = set()
@@ -511,6 +579,63 @@ class Cluster:
         )
 
 
+def _trainer_job(runtime: dict) -> dict:
+    """The runtime's replicated Job that runs the trainer (the ancestor-step label says which)."""
+    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    for rj in jobs:
+        if ((rj["template"].get("metadata") or {}).get("labels") or {}).get(TRAINER_STEP) == "trainer":
+            return rj
+    raise AssertionError(f"runtime {runtime['metadata']['name']} has no trainer job")
+
+
+def trainjob_pod(job: dict, runtime: dict, node_rank: int, master_addr: str, master_port: int) -> dict:
+    """A TrainJob's node pod, as Kubeflow Trainer v2's torch plugin and the JobSet make it:
+    the runtime's trainer pod template, the TrainJob's runtimePatches on it (pod fields
+    replaced, labels and annotations merged, a container's securityContext replaced and its
+    volumeMounts added), then the TrainJob's trainer (image, command, args, env by name,
+    resourcesPerNode) and the PET_* variables on the `node` container."""
+    rj = _trainer_job(runtime)
+    template = yaml.safe_load(yaml.safe_dump(rj["template"]["spec"]["template"]))
+    meta, pod = template.setdefault("metadata", {}), template["spec"]
+    for patch in job["spec"].get("runtimePatches") or []:
+        for jp in patch["trainingRuntimeSpec"]["template"]["spec"].get("replicatedJobs") or []:
+            if jp["name"] != rj["name"]:
+                continue
+            tp = jp["template"]["spec"]["template"]
+            for key in ("labels", "annotations"):
+                meta.setdefault(key, {}).update((tp.get("metadata") or {}).get(key) or {})
+            for key, value in (tp.get("spec") or {}).items():
+                if key != "containers":
+                    pod[key] = value
+            for cp in (tp.get("spec") or {}).get("containers") or []:
+                c = next(c for c in pod["containers"] if c["name"] == cp["name"])
+                if "securityContext" in cp:
+                    c["securityContext"] = cp["securityContext"]
+                c["volumeMounts"] = (c.get("volumeMounts") or []) + (cp.get("volumeMounts") or [])
+    trainer = job["spec"]["trainer"]
+    nodes = trainer.get("numNodes", runtime["spec"]["mlPolicy"].get("numNodes", 1))
+    (node,) = [c for c in pod["containers"] if c["name"] == "node"]
+    for key in ("image", "command", "args"):
+        if key in trainer:
+            node[key] = trainer[key]
+    if "resourcesPerNode" in trainer:
+        node["resources"] = trainer["resourcesPerNode"]
+    pet = {
+        "PET_NNODES": str(nodes),
+        "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", 1)),  # "auto" on a machine without GPUs: 1
+        "PET_NODE_RANK": str(node_rank),
+        "PET_MASTER_ADDR": master_addr,
+        "PET_MASTER_PORT": str(master_port),
+    }
+    env = {e["name"]: e for e in node.get("env") or []}
+    env.update({e["name"]: e for e in trainer.get("env") or []})
+    env.update({k: {"name": k, "value": v} for k, v in pet.items()})
+    node["env"] = list(env.values())
+    pod["restartPolicy"] = "Never"
+    meta["labels"] = {**meta.get("labels", {}), JOBSET_NAME: job["metadata"]["name"], "trainer.kubeflow.org/trainjob-name": job["metadata"]["name"]}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod, "status": {"phase": "Pending"}}
+
+
 def remap(value: str, mounts: dict[str, str]) -> str:
     """A container path under a volume's mountPath, as the volume's local folder."""
     for mount in sorted(mounts, key=len, reverse=True):
@@ -574,6 +699,31 @@ async def until(cluster: Cluster, predicate, timeout: float, what: str, interval
             return result
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; timeline:\n" + timeline(cluster))
+
+
+async def kubectl_views(cluster: Cluster, release: str) -> str:
+    """What `kubectl get` and `kubectl describe` show of a run, from the API (their columns)."""
+    out = [f"$ kubectl get jobs,pytorchjobs,trainjobs -l app.kubernetes.io/instance={release}"]
+    rows = [("NAME", "STATUS", "COMPLETIONS")]
+    for kind, plural in (("Job", "job.batch"), ("PyTorchJob", "pytorchjob.kubeflow.org"), ("TrainJob", "trainjob.trainer.kubeflow.org")):
+        for obj in await cluster.list(kind):
+            conditions = [c["type"] for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+            done = ""
+            if kind == "Job":
+                succeeded, spec = (obj.get("status") or {}).get("succeeded", 0), obj["spec"]
+                done = f"{succeeded}/{spec['completions']}" if "completions" in spec else f"{succeeded}/1 of {spec.get('parallelism', 1)}"
+            rows.append((f"{plural}/{obj['metadata']['name']}", conditions[-1] if conditions else "Running", done))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    out += ["   ".join(cell.ljust(w) for cell, w in zip(r, width)).rstrip() for r in rows]
+    status = await cluster.get("ConfigMap", f"{release}-status")
+    out += ["", f"$ kubectl get configmap {release}-status -o jsonpath='{{.data.summary}}'", status["data"]["summary"].rstrip()]
+    events = sorted(await cluster.list("Event"), key=lambda e: (e.get("lastTimestamp") or "", e["metadata"]["name"]))
+    for name in (f"{release}-train", f"{release}-controller"):
+        mine = [e for e in events if e["involvedObject"]["name"] == name]
+        kind = mine[0]["involvedObject"]["kind"].lower() if mine else "job"
+        out += ["", f"$ kubectl describe {kind} {name}", "...", "Events:", "  Type     Reason       From               Message", "  ----     ------       ----               -------"]
+        out += [f"  {e['type']:<8} {e['reason']:<12} {e['source']['component']:<18} {e['message']}" for e in mine]
+    return "\n".join(out)
 
 
 def timeline(cluster: Cluster) -> str:

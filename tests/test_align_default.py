@@ -162,7 +162,8 @@ def test_mismatched_text_names_the_block(shared):
     t = [t_tok.encode(x, add_special_tokens=False) for x in texts]
     s = [s_tok.encode(x, add_special_tokens=False) for x in ["first block", "second blocks"]]
     tt, ss = np.concatenate(t), np.concatenate(s)
-    with pytest.raises(FusionError, match=r"block 1, source tokens \(gpt2\).*first difference at text byte 12"):
+    with pytest.raises(FusionError, match=r"block 1, source tokens \(gpt2\).*13 bytes from the tokens, 12 in the text; first difference at byte 12: "
+                                         r"tokens give 'second blocks', the text has 'second block'"):
         align_blocks(texts, tt, np.cumsum([0] + [len(x) for x in t]), ss, np.cumsum([0] + [len(x) for x in s]),
                      np.zeros((len(ss), 1), np.int64), np.zeros((len(ss), 1)), np.zeros(len(ss)), t_view, s_view)
     many = texts * 4  # in parallel, the block is still named by its place in the whole input
@@ -334,12 +335,21 @@ def test_default_map_rules(shared):
     assert from_llama[llama.bos_id] == neox.bos_id and from_llama[llama.eos_id] == neox.eos_id
 
 
-def test_a_normalizing_tokenizer_on_unnormalized_text_is_reported(shared):
-    """GPT-NeoX applies NFC: tokens of a decomposed "é" spell the composed one, not the text."""
+def test_a_normalizing_tokenizer_on_unnormalized_text_is_aligned_through_its_normalizer(shared):
+    """GPT-NeoX applies NFC: tokens of a decomposed "é" spell the composed one, not the text. They
+    are placed through the tokenizer's own normalization; tokens of another text are still refused."""
     (t_tok, t_view), (s_tok, s_view) = load(shared, "gpt2"), load(shared, "gpt-neox-20b")
-    text = "cafe\u0301"
+    text = "cafe\u0301 and the tea"
     t = t_tok.encode(text, add_special_tokens=False)
     s = s_tok.encode(text, add_special_tokens=False)
-    with pytest.raises(FusionError, match=r"block 0, source tokens \(gpt-neox-20b\).*NFC"):
-        align_blocks([text], t, [0, len(t)], s, [0, len(s)], np.zeros((len(s), 1), np.int64), np.zeros((len(s), 1)),
-                     np.zeros(len(s)), t_view, s_view)
+    ids = np.array([[x] for x in s])  # a perfect teacher: row i is source token i
+    stats = {}
+    rows = align_blocks([text], t, [0, len(t)], s, [0, len(s)], ids, np.zeros((len(s), 1)), np.zeros(len(s)), t_view,
+                        s_view, None, "default", stats)
+    got = [t_view.strings[rows.ids[rows.ptr[j]]] if rows.counts[j] else None for j in range(rows.rows)]
+    assert [t_view.strings[x] for x in t][-3:] == ["Ġand", "Ġthe", "Ġtea"]
+    assert got[-3:] == ["Ġand", "Ġthe", "Ġtea"]  # after the normalized character the boundaries agree again
+    other = s_tok.encode("cafe and the tea", add_special_tokens=False)
+    with pytest.raises(FusionError, match=r"block 0, source tokens \(gpt-neox-20b\).*as the tokenizer normalizes it"):
+        align_blocks([text], t, [0, len(t)], other, [0, len(other)], np.zeros((len(other), 1), np.int64),
+                     np.zeros((len(other), 1)), np.zeros(len(other)), t_view, s_view)

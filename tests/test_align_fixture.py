@@ -38,6 +38,37 @@ def test_reference_mode_passes_the_fixture_checker(fixture_dir, tmp_path, mode):
     assert check.stdout.strip().splitlines()[-1] == "20 passed, 0 failed"
 
 
+def test_fusion_align_fixture_checks_with_the_fixtures_checker(fixture_dir, tmp_path, capsys):
+    from fusion.cli import main
+
+    assert main(["align-fixture", "--fixture", str(fixture_dir), "--mode", "hard"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["check"] == "20 passed, 0 failed" and result["out"] is None
+
+
+def test_a_candidate_that_differs_fails_the_check(fixture_dir, tmp_path):
+    """The fixture's checker, run by check_candidate, on a fixture whose expected output was altered."""
+    from fusion.align.fixture import check_candidate
+    from fusion.errors import FusionError
+
+    altered = tmp_path / "fixture"
+    altered.mkdir()
+    for f in fixture_dir.iterdir():
+        (altered / f.name).symlink_to(f)
+    (altered / "expected_hard.npz").unlink()
+    expected = dict(np.load(fixture_dir / "expected_hard.npz"))
+    expected["val_03"] = expected["val_03"].copy()
+    expected["val_03"][5] += 1.0
+    np.savez(altered / "expected_hard.npz", **expected)
+    check = check_candidate(altered, "hard", fixture_dir / "expected_hard.npz")
+    assert (check["passed"], check["failed"]) == (19, 1)
+    assert check["failures"] and check["failures"][0].startswith("seq 03: FAIL")
+    assert check_candidate(fixture_dir, "hard", fixture_dir / "expected_hard.npz")["failed"] == 0
+    (altered / "check_alignment_fixture.py").unlink()
+    with pytest.raises(FusionError, match="no check_alignment_fixture.py"):
+        check_candidate(altered, "hard", fixture_dir / "expected_hard.npz")
+
+
 def test_fixture_command_line(fixture_dir, tmp_path):
     out = tmp_path / "hard.npz"
     run = subprocess.run([sys.executable, "-m", "fusion.align.fixture", "--fixture", str(fixture_dir), "--mode", "hard",

@@ -71,6 +71,38 @@ def test_empty_corpus(tmp_path, store, micro, capsys):
     expect_error(capsys, write(tmp_path, micro.spec(store, **{"corpus.path": str(corpus)})), store, "empty corpus")
 
 
+def test_a_corpus_whose_only_document_is_held_out_says_so(tmp_path, store, micro, capsys):
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text('{"text": "One document is all there is."}\n')  # document 0 is held out at fractions > 0.055
+    spec = micro.spec(store, **{"corpus.path": str(corpus), "corpus.heldout_fraction": 0.2})
+    expect_error(capsys, write(tmp_path, spec), store, "all 1 document(s) with text went to held-out evaluation",
+                 "corpus.heldout_fraction=0.2", "lower corpus.heldout_fraction")
+    code, err = run_cli(capsys, "run", str(write(tmp_path, spec)), "--store", str(store))
+    assert "empty corpus" not in err
+
+
+def test_a_tokenizer_path_that_is_a_file_names_its_folder(tmp_path, store, micro, capsys):
+    spec = micro.spec(store)
+    tokenizer_file = micro.models["src-neox"] / "tokenizer.json"
+    spec["models"]["sources"][1]["tokenizer"] = str(tokenizer_file)
+    expect_error(capsys, write(tmp_path, spec), store, "model 'src-neox'", "is a file", str(micro.models["src-neox"]))
+    code, err = run_cli(capsys, "run", str(write(tmp_path, spec)), "--store", str(store))
+    assert "does not exist" not in err
+
+
+def test_a_model_path_that_is_a_file_says_so(tmp_path, store, micro, capsys):
+    spec = micro.spec(store)
+    spec["models"]["target"]["path"] = str(micro.models["target"] / "config.json")
+    expect_error(capsys, write(tmp_path, spec), store, "model 'target'", "is a file", "folder")
+
+
+def test_a_mistyped_set_key_names_the_option(tmp_path, store, micro, capsys):
+    code, err = run_cli(capsys, "run", str(write(tmp_path, micro.spec(store))), "--store", str(store), "--set", "train.lrr=1")
+    assert code == BAD_INPUT_EXIT_CODE
+    assert err == "fusion: error: --set train.lrr=1: unknown key 'train.lrr'"
+    assert committed_files(store) == []
+
+
 def test_non_utf8_text(tmp_path, store, micro, capsys):
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes("café au lait\n".encode("latin-1"))

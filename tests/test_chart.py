@@ -1,6 +1,7 @@
 """helm/fusion, rendered by the real Helm engine and checked without a cluster: every example
 run spec works as values, every object is valid for Kubernetes 1.29-1.34 (the PyTorchJob
-against the training operator's CRD), and helm-unittest-style assertions on what matters."""
+against the training operator's CRD, the TrainJob and training runtimes against Kubeflow
+Trainer v2.3's), and helm-unittest-style assertions on what matters."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.helmchart import (
     KUBE_VERSIONS,
     PYTORCHJOB_CRD,
     S3,
+    TORCH_DISTRIBUTED,
+    TRAINER_CRDS,
     STORE_VOLUME,
     as_pod_template,
     lint,
@@ -29,13 +32,21 @@ from tests.helmchart import (
     restricted_violations,
     validate_kubernetes,
     validate_pytorchjob,
+    validate_trainer,
     values_file,
 )
+from tests.k8s_sim import trainjob_pod
 
 TINY = values_file(CHART.parents[1] / "jobs" / "tiny.yaml")
 ON_S3 = {"store": "s3://fusion-runs/tiny"}
 JOB_IDS = [p.stem for p in JOBS]
 
+SPREAD = {
+    "maxSkew": 1,
+    "topologyKey": "topology.kubernetes.io/zone",
+    "whenUnsatisfiable": "ScheduleAnyway",
+    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "tiny", "fusion.dev/stage": "logits"}},
+}
 # Every cluster key set to something: the widest rendering.
 EVERYTHING = {
     "cluster": {
@@ -49,6 +60,7 @@ EVERYTHING = {
         "podLabels": {"team": "nlp"},
         "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
         "gpuResource": "amd.com/gpu",
+        "controller": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}, "activeDeadlineSeconds": 604800},
         "workloads": {
             "logits": {
                 "gpus": 2,
@@ -62,8 +74,13 @@ EVERYTHING = {
                     }
                 },
                 "priorityClassName": "batch-high",
+                "runtimeClassName": "nvidia",
+                "activeDeadlineSeconds": 86400,
+                "terminationGracePeriodSeconds": 60,
+                "topologySpreadConstraints": [SPREAD],
             },
             "align": {"workers": 16},
+            "train": {"runtimeClassName": "nvidia", "topologySpreadConstraints": [SPREAD], "activeDeadlineSeconds": 259200},
             "eval": {"gpus": 0},
         },
     }
@@ -88,9 +105,20 @@ CASES = {
     "many-sources": (TINY, IMAGES, S3, ON_S3, MANY_SOURCES),
     "cpu-only": (TINY, IMAGES, STORE_VOLUME, {"cluster": {"workloads": {"logits": {"gpus": 0}, "train": {"gpus": 0}, "eval": {"gpus": 0}}}}),
 }
+TRAINJOB = {"cluster": {"workloads": {"train": {"operator": "trainjob"}}}}
+NAMED_RUNTIME = {"cluster": {"workloads": {"train": {"operator": "trainjob", "runtime": {"name": "torch-distributed"}}}}}
+NAMESPACED_RUNTIME = {"cluster": {"workloads": {"train": {"operator": "trainjob", "runtime": {"kind": "TrainingRuntime"}}}}}
+# EVERYTHING without what a patch of a named runtime cannot carry
+PATCHABLE = {"cluster": {"workloads": {"train": {"nodeSelector": {"pool": "h100"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}}}}
+CASES["trainjob"] = (TINY, IMAGES, S3, ON_S3, EVERYTHING, TRAINJOB)
+CASES["trainjob-named-runtime"] = (TINY, IMAGES, S3, ON_S3, NAMED_RUNTIME, PATCHABLE, {"cluster": {"imagePullSecrets": [{"name": "registry"}]}})
+CASES["trainjob-namespaced-runtime"] = (TINY, IMAGES, STORE_VOLUME, NAMESPACED_RUNTIME)
+TRAINJOB_CASES = ["trainjob", "trainjob-named-runtime", "trainjob-namespaced-runtime"]
 if DEEPSPEED:
     CASES["multi-node"] = (TINY, IMAGES, S3, ON_S3, ON_DEEPSPEED, MULTI_NODE)
     CASES["elastic"] = (TINY, IMAGES, S3, ON_S3, ON_DEEPSPEED, ELASTIC)
+    CASES["trainjob-multi-node"] = (TINY, IMAGES, S3, ON_S3, ON_DEEPSPEED, MULTI_NODE, TRAINJOB)
+    TRAINJOB_CASES.append("trainjob-multi-node")
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +206,24 @@ def test_every_example_renders_the_whole_run(job):
         + [f"tiny-align-{s}" for s in sources]
         + ["tiny-fuse", "tiny-train", "tiny-eval"]
     )
-    assert [(o["kind"], o["metadata"]["name"]) for o in r.objects] == [
-        ("ConfigMap", "tiny-spec"),
-        ("Job", "tiny-controller"),
-        ("Role", "tiny-controller"),
-        ("RoleBinding", "tiny-controller"),
-        ("ServiceAccount", "tiny"),
-        ("ServiceAccount", "tiny-controller"),
-        ("Pod", "tiny-test-store"),
-    ]
+    assert [(o["kind"], o["metadata"]["name"]) for o in r.objects] == INSTALLED
+    assert r.workload("tiny-train")["kind"] == "PyTorchJob"
+    on_trainer = render(values_file(job), IMAGES, S3, {"store": f"s3://fusion-runs/{spec.name}"}, TRAINJOB)
+    assert [(o["kind"], o["metadata"]["name"]) for o in on_trainer.objects] == INSTALLED + [("ClusterTrainingRuntime", "fusion-fusion-tiny")]
+    assert on_trainer.workload("tiny-train")["kind"] == "TrainJob"
+
+
+INSTALLED = [
+    ("ConfigMap", "tiny-spec"),
+    ("Job", "tiny-controller"),
+    ("Service", "tiny-controller-metrics"),
+    ("Role", "tiny-controller"),
+    ("RoleBinding", "tiny-controller"),
+    ("ServiceAccount", "tiny"),
+    ("ServiceAccount", "tiny-controller"),
+    ("ConfigMap", "tiny-status"),
+    ("Pod", "tiny-test-store"),
+]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -194,9 +231,11 @@ def test_every_example_renders_the_whole_run(job):
 def test_every_object_is_valid_kubernetes(rendered, case, version):
     checked = 0
     for obj in rendered[case].all_objects():
-        if obj["kind"] == "PyTorchJob":
+        if obj["kind"] in ("PyTorchJob", "ClusterTrainingRuntime", "TrainingRuntime"):  # CRDs: their pod templates here, the rest below
             for i, template in enumerate(pod_templates(obj)):
                 validate_kubernetes(as_pod_template(template, f"{obj['metadata']['name']}-{i}"), version)
+        elif obj["kind"] in ("TrainJob", "ServiceMonitor"):  # CRDs without pod templates (the TrainJob's pods: below)
+            pass
         else:
             validate_kubernetes(obj, version)
         checked += 1
@@ -204,7 +243,7 @@ def test_every_object_is_valid_kubernetes(rendered, case, version):
 
 
 @pytest.mark.skipif(not PYTORCHJOB_CRD.exists(), reason="../shared/k8s-schemas is not present")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if c not in TRAINJOB_CASES])
 def test_pytorchjob_is_valid_for_the_training_operator_crd(rendered, case):
     job = rendered[case].workload("tiny-train")
     validate_pytorchjob(job)
@@ -415,6 +454,9 @@ def test_the_controller_has_least_privilege(rendered):
     assert role["rules"] == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
         {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tiny-status"], "verbs": ["get", "patch"]},
     ]
     assert not any(o["kind"] in ("ClusterRole", "ClusterRoleBinding") for o in r.all_objects())
     binding = r.get("RoleBinding", "tiny-controller")
@@ -423,6 +465,7 @@ def test_the_controller_has_least_privilege(rendered):
     assert controller["serviceAccountName"] == "tiny-controller" and controller["automountServiceAccountToken"] is True
     assert controller["containers"][0]["args"] == [
         "k8s", "controller", "/etc/fusion/run.yaml", "--workloads", "/etc/fusion/workloads.yaml", "--job", "tiny-controller", "--poll-seconds", "15",
+        "--metrics-port", "9090",
     ]
     for w in r.workloads:
         for template in pod_templates(w):
@@ -448,3 +491,241 @@ def test_workload_labels_tell_the_controller_what_each_computes(rendered):
     for w in r.workloads:
         assert w["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "fusion-controller"
         assert w["metadata"]["labels"]["app.kubernetes.io/instance"] == "tiny"
+
+
+# ---- placement and lifecycle ---------------------------------------------------------------------
+def test_runtime_class_topology_spread_and_deadlines_reach_only_their_stage(rendered):
+    r = rendered["everything"]
+    logits = r.workload("tiny-logits-target")
+    pod = logits["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia" and pod["terminationGracePeriodSeconds"] == 60
+    assert pod["topologySpreadConstraints"] == [SPREAD]
+    assert logits["spec"]["activeDeadlineSeconds"] == 86400
+    fuse = r.workload("tiny-fuse")
+    assert not {"runtimeClassName", "terminationGracePeriodSeconds", "topologySpreadConstraints"} & set(fuse["spec"]["template"]["spec"])
+    assert "activeDeadlineSeconds" not in fuse["spec"]
+    train = r.workload("tiny-train")
+    assert train["spec"]["runPolicy"]["activeDeadlineSeconds"] == 259200
+    for replica in train["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["runtimeClassName"] == "nvidia"
+        assert replica["template"]["spec"]["topologySpreadConstraints"] == [SPREAD]
+    assert r.get("Job", "tiny-controller")["spec"]["activeDeadlineSeconds"] == 604800
+    trainjob = rendered["trainjob"].workload("tiny-train")
+    assert trainjob["spec"]["activeDeadlineSeconds"] == 259200
+    (runtime,) = [o for o in rendered["trainjob"].objects if o["kind"] == "ClusterTrainingRuntime"]
+    node = pod_templates(runtime)[0]["spec"]
+    assert node["runtimeClassName"] == "nvidia" and node["topologySpreadConstraints"] == [SPREAD]
+
+
+def test_image_pull_secrets_reach_every_pod(rendered):
+    for case in ("everything", "trainjob", "trainjob-named-runtime"):
+        r = rendered[case]
+        for obj in r.all_objects():
+            for template in pod_templates(obj):
+                assert template["spec"]["imagePullSecrets"] == [{"name": "registry"}], (case, obj["metadata"]["name"])
+    patch = _runtime_patch(rendered["trainjob-named-runtime"].workload("tiny-train"))
+    assert patch["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+
+
+def test_train_grace_period_covers_a_step_and_a_save(rendered):
+    for case in ("tiny-s3", "trainjob"):
+        r = rendered[case]
+        train = r.workload("tiny-train")
+        pods = pod_templates(train) or pod_templates(next(o for o in r.objects if o["kind"] == "ClusterTrainingRuntime"))
+        for template in pods:
+            assert template["spec"]["terminationGracePeriodSeconds"] == 300 + 600 + 30
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+            assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "900", "torchrun's agent waits for the save"
+    assert "terminationGracePeriodSeconds" not in rendered["tiny-s3"].workload("tiny-split")["spec"]["template"]["spec"]
+    slow = {"cluster": {"workloads": {"train": {"preemption": {"stepSeconds": 40, "saveSeconds": 1800, "exitSeconds": 10}}}}}
+    pod = render(TINY, IMAGES, S3, ON_S3, slow).workload("tiny-train")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 1850
+    assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "1840"} in pod["containers"][0]["env"]
+    fixed = {"cluster": {"workloads": {"train": {"terminationGracePeriodSeconds": 3600}}}}
+    assert render(TINY, IMAGES, S3, ON_S3, fixed).workload("tiny-train")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ] == 3600
+    short = {"cluster": {"workloads": {"train": {"terminationGracePeriodSeconds": 120}}}}
+    error = render_error(TINY, IMAGES, S3, ON_S3, short)
+    assert "cluster.workloads.train.terminationGracePeriodSeconds=120 is shorter than a step plus a save" in error
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ((TINY, IMAGES, ON_S3, {"cluster": {"workloads": {"split": {"activeDeadlineSeconds": 0}}}}), "/cluster/workloads/split/activeDeadlineSeconds"),
+        ((TINY, IMAGES, ON_S3, {"cluster": {"workloads": {"train": {"terminationGracePeriodSeconds": -1}}}}), "terminationGracePeriodSeconds"),
+        ((TINY, IMAGES, ON_S3, {"cluster": {"workloads": {"train": {"operator": "mpijob"}}}}), "/cluster/workloads/train/operator"),
+        ((TINY, IMAGES, ON_S3, {"cluster": {"workloads": {"eval": {"topologySpreadConstraints": {"maxSkew": 1}}}}}), "topologySpreadConstraints"),
+    ],
+    ids=["zero-deadline", "negative-grace", "unknown-operator", "spread-not-a-list"],
+)
+def test_bad_lifecycle_values_are_refused_naming_the_key(layers, message):
+    assert message in render_error(*layers)
+
+
+# ---- training on Kubeflow Trainer v2 ------------------------------------------------------------
+needs_trainer_crds = pytest.mark.skipif(not TRAINER_CRDS["TrainJob"].exists(), reason="../shared/k8s-schemas is not present")
+
+
+def _runtime(r):
+    (runtime,) = [o for o in r.objects if o["kind"] in ("ClusterTrainingRuntime", "TrainingRuntime")]
+    return runtime
+
+
+def _stock_runtime() -> dict:
+    return yaml.safe_load(TORCH_DISTRIBUTED.read_text())
+
+
+def _runtime_patch(trainjob):
+    (patch,) = trainjob["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return job["template"]["spec"]["template"]
+
+
+@needs_trainer_crds
+@pytest.mark.parametrize("case", TRAINJOB_CASES)
+def test_trainer_objects_are_valid_for_the_v2_3_crds(rendered, case):
+    r = rendered[case]
+    trainjob = r.workload("tiny-train")
+    validate_trainer(trainjob)
+    if case != "trainjob-named-runtime":
+        validate_trainer(_runtime(r))
+
+
+@needs_trainer_crds
+def test_the_trainer_crd_check_catches_a_misspelled_field(rendered):
+    import jsonschema
+
+    validate_trainer(_stock_runtime())  # the release's own runtime passes
+    job = json.loads(json.dumps(rendered["trainjob"].workload("tiny-train")))
+    job["spec"]["trainer"]["numNode"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="numNode"):
+        validate_trainer(job)
+    runtime = json.loads(json.dumps(_runtime(rendered["trainjob"])))
+    runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = "auto"  # v2.3 moved it to the TrainJob
+    with pytest.raises(jsonschema.ValidationError, match="numProcPerNode"):
+        validate_trainer(runtime)
+
+
+def test_a_trainjob_runs_the_same_training_on_the_charts_runtime(rendered):
+    r = rendered["trainjob"]
+    job = r.workload("tiny-train")
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "fusion-fusion-tiny"}
+    trainer = job["spec"]["trainer"]
+    assert trainer["command"] == ["fusion"] and trainer["args"] == ["train", "/etc/fusion/run.yaml"]
+    assert trainer["numNodes"] == 1 and "numProcPerNode" not in trainer, "auto: the runtime's torch plugin decides"
+    assert trainer["resourcesPerNode"]["limits"]["amd.com/gpu"] == "1" and "fusion-gpu@sha256:" in trainer["image"]
+    assert "runtimePatches" not in job["spec"], "the chart's runtime carries every pod setting"
+    runtime = _runtime(r)
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    (node_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node_job["name"] == "node" and node_job["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    rules = node_job["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "node", "operator": "In", "values": [BAD_INPUT_EXIT_CODE]}} in rules
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["rules"] == [{"name": "badInput", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]
+    pod = node_job["template"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and [c["name"] for c in pod["containers"]] == ["node"]
+    assert {"name": "spec", "configMap": {"name": "tiny-spec"}} in pod["volumes"]
+    namespaced = _runtime(rendered["trainjob-namespaced-runtime"])
+    assert namespaced["kind"] == "TrainingRuntime" and namespaced["metadata"]["namespace"] == "fusion"
+    assert rendered["trainjob-namespaced-runtime"].workload("tiny-train")["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+
+
+@needs_deepspeed
+def test_a_multi_node_trainjob_asks_for_its_nodes_and_processes(rendered):
+    trainer = rendered["trainjob-multi-node"].workload("tiny-train")["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+@pytest.mark.skipif(not TORCH_DISTRIBUTED.exists(), reason="../shared/k8s-schemas is not present")
+@pytest.mark.parametrize("case", ["trainjob", "trainjob-named-runtime"])
+@pytest.mark.parametrize("version", [KUBE_VERSIONS[0], KUBE_VERSIONS[-1]])
+def test_the_trainjobs_node_pods_are_fusion_pods(rendered, case, version):
+    """The pod Trainer v2 makes of the TrainJob and its runtime (the chart's, or the release's
+    torch-distributed with the TrainJob's runtimePatches) is valid, restricted, and runs the
+    fusion CLI with the spec, the store credentials and the torch plugin's PET_* variables."""
+    r = rendered[case]
+    runtime = _stock_runtime() if case == "trainjob-named-runtime" else _runtime(r)
+    pod = trainjob_pod(r.workload("tiny-train"), runtime, 1, "tiny-train-node-0-0.tiny-train", 29400)
+    validate_kubernetes(as_pod_template({"metadata": pod["metadata"], "spec": pod["spec"]}, "tiny-train-node"), version)
+    assert_restricted(pod["spec"], case)
+    (node,) = pod["spec"]["containers"]
+    assert node["command"] == ["fusion"] and node["args"] == ["train", "/etc/fusion/run.yaml"] and "fusion-gpu@sha256:" in node["image"]
+    env = {e["name"]: e for e in node["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "fusion-s3"
+    assert env["PET_MASTER_ADDR"]["value"] == "tiny-train-node-0-0.tiny-train" and env["PET_NODE_RANK"]["value"] == "1"
+    assert {"name": "spec", "mountPath": "/etc/fusion", "readOnly": True} in node["volumeMounts"]
+    stage_pods = r.workload("tiny-split")["spec"]["template"]["spec"]
+    assert pod["spec"]["serviceAccountName"] == stage_pods["serviceAccountName"] and pod["spec"]["terminationGracePeriodSeconds"] == 930
+    assert pod["spec"]["securityContext"] == stage_pods["securityContext"]
+    assert pod["metadata"]["labels"]["fusion.dev/stage"] == "train"
+    if case == "trainjob-named-runtime":
+        assert pod["spec"]["nodeSelector"] == {"pool": "h100"} and pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_a_named_runtime_refuses_what_a_patch_cannot_carry():
+    for key, value in (("runtimeClassName", "nvidia"), ("priorityClassName", "high"), ("topologySpreadConstraints", [SPREAD])):
+        error = render_error(TINY, IMAGES, S3, ON_S3, NAMED_RUNTIME, {"cluster": {"workloads": {"train": {key: value}}}})
+        assert f"cluster.workloads.train.{key} cannot be patched into the runtime \"torch-distributed\"" in error
+    assert "sets the train pods' working directory" in render_error(TINY, IMAGES, STORE_VOLUME, NAMED_RUNTIME)
+    render(TINY, IMAGES, STORE_VOLUME, NAMED_RUNTIME, {"store": "/var/lib/fusion/runs/tiny"})  # an absolute store path is fine
+    assert "needs operator=pytorchjob" in render_error(TINY, IMAGES, S3, ON_S3, {"train": {"engine": "deepspeed"}} if DEEPSPEED else {}, ELASTIC, TRAINJOB)
+    assert "nprocPerNode=cpu" in render_error(TINY, IMAGES, S3, ON_S3, TRAINJOB, {"cluster": {"workloads": {"train": {"nprocPerNode": "cpu"}}}})
+
+
+# ---- Kueue ------------------------------------------------------------------------------------------
+def test_kueue_reads_queue_labels_on_the_workload_and_the_elastic_annotation_on_align_jobs(rendered):
+    """Kueue's job integrations read kueue.x-k8s.io/queue-name and priority-class from the
+    workload object's labels (Job, PyTorchJob, TrainJob; not its pods'), and workload slicing
+    from the Job's annotation kueue.x-k8s.io/elastic-job: "true" (a string)."""
+    for case in ("everything", "trainjob"):
+        r = rendered[case]
+        kinds = set()
+        for w in r.workloads:
+            kinds.add(w["kind"])
+            labels, annotations = w["metadata"]["labels"], w["metadata"].get("annotations") or {}
+            assert labels["kueue.x-k8s.io/queue-name"] == "gpu-batch" and labels["kueue.x-k8s.io/priority-class"] == "research"
+            assert not any(k.startswith("kueue.x-k8s.io/queue") for k in annotations)
+            for template in pod_templates(w):
+                assert not any(k.startswith("kueue.x-k8s.io/") for k in template["metadata"]["labels"]), "Kueue reads the workload, not its pods"
+            elastic = annotations.get("kueue.x-k8s.io/elastic-job")
+            if w["metadata"]["labels"]["fusion.dev/stage"] == "align":
+                assert elastic == "true" and "completions" not in w["spec"] and "completionMode" not in w["spec"]
+            else:
+                assert elastic is None, w["metadata"]["name"]
+            assert "kueue.x-k8s.io/elastic-job" not in labels
+        assert {"Job", "TrainJob" if case == "trainjob" else "PyTorchJob"} == kinds
+    assert not any("kueue.x-k8s.io/elastic-job" in (w["metadata"].get("annotations") or {}) for w in rendered["tiny-s3"].workloads), "no queue, no Kueue"
+    off = render(TINY, IMAGES, S3, ON_S3, {"cluster": {"kueue": {"queueName": "q", "elasticJobs": False}}})
+    assert "kueue.x-k8s.io/elastic-job" not in (off.workload("tiny-align-src-llama")["metadata"].get("annotations") or {})
+
+
+# ---- observability --------------------------------------------------------------------------------
+def test_the_controller_serves_metrics_behind_a_service_and_an_optional_service_monitor(rendered):
+    r = rendered["everything"]
+    controller = r.get("Job", "tiny-controller")["spec"]["template"]
+    (container,) = controller["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    service = r.get("Service", "tiny-controller-metrics")
+    assert all(controller["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    monitor = r.get("ServiceMonitor", "tiny-controller")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert not any(o["kind"] == "ServiceMonitor" for o in rendered["tiny-s3"].objects)
+    none = render(TINY, IMAGES, S3, ON_S3, {"cluster": {"controller": {"metrics": {"port": 0}}}})
+    assert not any(o["kind"] == "Service" for o in none.objects)
+    (container,) = none.get("Job", "tiny-controller")["spec"]["template"]["spec"]["containers"]
+    assert "ports" not in container and container["args"][-2:] == ["--metrics-port", "0"]
+
+
+def test_the_status_configmap_is_installed_for_the_controller_to_keep_current(rendered):
+    status = rendered["tiny-s3"].get("ConfigMap", "tiny-status")
+    assert status["data"]["phase"] == "Pending"
+    role = rendered["tiny-s3"].get("Role", "tiny-controller")
+    assert {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tiny-status"], "verbs": ["get", "patch"]} in role["rules"]
+    assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]} in role["rules"]

@@ -75,3 +75,33 @@ def test_json_schema_is_strict():
     schema = RunSpec.model_json_schema(by_alias=True)
     assert schema["additionalProperties"] is False
     json.dumps(schema)
+
+
+def test_a_bad_set_key_is_blamed_on_the_set_option_not_the_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(FusionError) as err:
+        load_spec(path, ["train.lr=1e-4", "train.lrr=1"])
+    assert str(err.value) == "--set train.lrr=1: unknown key 'train.lrr'"
+    with pytest.raises(FusionError, match=r"^--set logits.top_k=ten: key 'logits.top_k'"):
+        load_spec(path, ["logits.top_k=ten"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "train": {"lrr": 1}}))
+    with pytest.raises(FusionError, match=r"bad.yaml: unknown key 'train.lrr'"):
+        load_spec(bad, ["train.lr=1e-4"])
+
+
+@pytest.mark.parametrize("name", ["Has Spaces", "-leading", "x" * 41, "under_score"])
+def test_a_bad_name_is_explained_in_words_not_a_regex(name):
+    with pytest.raises(FusionError) as err:
+        parse_spec({**MINIMAL, "name": name})
+    message = str(err.value)
+    assert f"key 'name': {name!r} is not a valid value" in message
+    assert "lowercase letters, digits and '-'" in message and "^[" not in message
+
+
+def test_a_bad_environment_variable_name_is_explained_in_words():
+    with pytest.raises(FusionError) as err:
+        parse_spec({**MINIMAL, "store_options": {"access_key_id_env": "1-KEY", "secret_access_key_env": "S"}})
+    assert "store_options.access_key_id_env" in str(err.value) and "environment variable's name" in str(err.value)
+    assert "^[" not in str(err.value)

@@ -5,6 +5,8 @@ would: commit records and Job conditions. (tests/test_k8s_sim.py runs the real s
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
 import kmock
 import pytest
@@ -238,7 +240,9 @@ async def test_leftovers_of_an_earlier_install_are_replaced(setup):
     prepare = s.objects("Job")["ctl-prepare"]
     assert prepare["metadata"]["ownerReferences"][0]["uid"] == s.objects("Job")["ctl-controller"]["metadata"]["uid"]
     touching = [r for r in list(s.api) if "ctl-prepare" in (r.name, ((r.data or {}).get("metadata") or {}).get("name"))]
-    assert [r.method.value for r in touching][-3:] == ["DELETE", "GET", "POST"], "deleted, then created"
+    methods = [r.method.value for r in touching]
+    # (then a GET: the emulator answers a create with 200 and no body the client reads, a real API server with 201 and the object)
+    assert methods[methods.index("DELETE") :][:3] == ["DELETE", "GET", "POST"], "deleted, then created"
 
 
 async def test_a_cluster_without_the_training_operator_is_explained(setup):
@@ -284,3 +288,137 @@ async def test_workers_that_finish_with_shards_left_are_started_again(setup):
     await s.finish("Job", "ctl-align-src-llama")
     with pytest.raises(FusionError, match="ctl-align-src-llama: its workers finished 4 times with shards left"):
         await s.step()
+
+
+# ---- what an operator sees (fusion/k8s/observe.py) ---------------------------------------------------
+@pytest_asyncio.fixture
+async def observed(setup):
+    """The setup's controller with an observer: Events and the status ConfigMap through the emulator."""
+    from fusion.k8s import observe
+
+    s = setup
+    status = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ctl-status", "namespace": NAMESPACE}, "data": {"phase": "Pending"}}
+    async with s.api.clients[0].post(f"/api/v1/namespaces/{NAMESPACE}/configmaps", json=status) as r:
+        assert r.status == 200
+    s.logged = []
+    s.observer = observe.Observer(observe.core_api(s.controller.kube), NAMESPACE, "ctl", observe.status_name("ctl-controller"), s.logged.append, "ctl-controller-abcde")
+    s.controller.observer = s.observer
+    yield s
+
+
+def _events(s) -> list[dict]:
+    plural = str(kmock.resource("v1/events"))
+    return [obj for key, obj in s.api.objects.items() if str(key[0]) == plural and not obj.deleted]
+
+
+def _status(s) -> dict:
+    plural = str(kmock.resource("v1/configmaps"))
+    (cm,) = [obj for key, obj in s.api.objects.items() if str(key[0]) == plural and key[2] == "ctl-status"]
+    return dict(cm["data"])
+
+
+async def test_every_transition_is_an_event_and_the_status_stays_current(observed):
+    s = observed
+    await s.step()
+    s.prepare_done()
+    await s.finish("Job", "ctl-prepare")
+    await s.step()
+    events = _events(s)
+    controller_uid = s.objects("Job")["ctl-controller"]["metadata"]["uid"]
+    prepared = [e for e in events if e["reason"] == "Prepared"]
+    assert len(prepared) == 1 and prepared[0]["involvedObject"] == {
+        "apiVersion": "batch/v1", "kind": "Job", "name": "ctl-controller", "namespace": NAMESPACE, "uid": controller_uid,
+    }
+    created = {e["involvedObject"]["name"]: e for e in events if e["reason"] == "Created"}
+    assert set(created) == {"ctl-prepare", "ctl-split", "ctl-vocab-src-llama", "ctl-vocab-src-neox"}
+    split = s.objects("Job")["ctl-split"]
+    assert created["ctl-split"]["involvedObject"]["uid"] == split["metadata"]["uid"], "`kubectl describe job ctl-split` selects by uid"
+    assert created["ctl-split"]["type"] == "Normal" and "Indexed Job, 3 shard(s)" in created["ctl-split"]["message"]
+    assert created["ctl-split"]["source"] == {"component": "fusion-controller"} and created["ctl-split"]["reportingInstance"] == "ctl-controller-abcde"
+
+    status = _status(s)
+    assert status["phase"] == "Running" and status["lastError"] == ""
+    parts = {f"{p['stage']}/{p['part']}": p for p in json.loads(status["status.json"])["parts"]}
+    assert parts["split/train"] == {
+        "stage": "split", "part": "train", "state": "running", "workload": "Job/ctl-split",
+        "shardsCommitted": 0, "shardsTotal": SHARDS, "rows": 0, "rowsPerSecond": 0.0,
+    }
+    assert parts["fuse/train"]["state"] == "waiting"
+
+    s.write_shards("split", "train", only=0)  # one shard of three: progress shows before the part is done
+    await s.step()
+    parts = {f"{p['stage']}/{p['part']}": p for p in json.loads(_status(s)["status.json"])["parts"]}
+    assert parts["split/train"]["shardsCommitted"] == 1 and parts["split/train"]["rows"] == 1
+    assert re.search(r"^split\s+train\s+running\s+1/3\s+1\s", _status(s)["summary"], re.M)
+
+    for part in ("train", "heldout"):
+        s.write_shards("split", part)
+    await s.finish("Job", "ctl-split")
+    await s.step()
+    committed = {e["message"] for e in _events(s) if e["reason"] == "Committed"}
+    assert committed == {"committed split/train (3 shard(s))", "committed split/heldout (3 shard(s))"}
+    # a part the stage's own pods commit (a vocab Job) is an Event too, found in the store
+    s.write_shards("vocab", "src-llama")
+    shards.commit_part(s.run.store, "vocab", "src-llama", 1, s.hashes["vocab/src-llama"])
+    await s.step()
+    vocab = [e for e in _events(s) if e["reason"] == "Committed" and e["involvedObject"]["name"] == "ctl-vocab-src-llama"]
+    assert len(vocab) == 1 and vocab[0]["involvedObject"]["uid"] == s.objects("Job")["ctl-vocab-src-llama"]["metadata"]["uid"]
+    await s.step()
+    assert len([e for e in _events(s) if e["reason"] == "Committed"]) == 3, "once per part"
+
+    await s.finish("Job", "ctl-vocab-src-neox", "Failed", reason="BackoffLimitExceeded", message="too many failed pods")
+    with pytest.raises(FusionError):
+        await asyncio.to_thread(s.controller.loop, 0.01)
+    warnings = {(e["involvedObject"]["name"], e["reason"]) for e in _events(s) if e["type"] == "Warning"}
+    assert warnings == {("ctl-vocab-src-neox", "WorkloadFailed"), ("ctl-controller", "RunFailed")}
+    status = _status(s)
+    assert status["phase"] == "Failed" and "Job ctl-vocab-src-neox failed (BackoffLimitExceeded" in status["lastError"]
+    assert "last error: Job ctl-vocab-src-neox failed" in status["summary"]
+
+
+async def test_events_the_api_refuses_do_not_stop_the_run(observed):
+    s = observed
+    s.api["post", f"/api/v1/namespaces/{NAMESPACE}/events"] << kmock.KubernetesError(status=403, reason="Forbidden", message="events is forbidden")
+    await s.step()
+    await s.step()
+    s.prepare_done()
+    await s.finish("Job", "ctl-prepare")
+    await s.step()
+    assert "ctl-split" in s.objects("Job"), "the run goes on"
+    assert [m for m in s.logged if m.startswith("cannot write events")] == ["cannot write events (403 Forbidden); the run goes on without"]
+    assert 'fusion_events_failed_total{run="ctl"} ' in s.observer.metrics()
+
+
+async def test_metrics_are_served_in_the_prometheus_text_format():
+    from fusion.k8s import observe
+
+    o = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
+    o.prepared({"metadata": {"name": "ctl-controller"}}, {"split/train": {"shards": 3, "config_hash": "h"}, "vocab/src-llama": {"shards": 1, "config_hash": "h"}}, "prepared")
+    o.created({"kind": "Job", "metadata": {"name": "ctl-split", "uid": "u"}}, [("split", "train")], "created")
+    o.parts["split/train"].committed, o.parts["split/train"].rows = 2, 4096
+    o.committed(None, "vocab", "src-llama", "committed")
+    server = observe.MetricsServer(0, o.metrics, host="127.0.0.1")
+    try:
+        import urllib.error
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            text = r.read().decode()
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
+    finally:
+        server.close()
+    lines = text.splitlines()
+    sample = re.compile(r'^[a-z_]+\{([a-z]+="[^"]*",?)+\} -?[0-9.e+]+$')
+    for line in lines:
+        assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
+    assert 'fusion_part_shards_committed{run="ctl",stage="split",part="train"} 2' in lines
+    assert 'fusion_part_shards_total{run="ctl",stage="split",part="train"} 3' in lines
+    assert 'fusion_part_rows{run="ctl",stage="split",part="train"} 4096' in lines
+    assert 'fusion_part_committed{run="ctl",stage="vocab",part="src-llama"} 1' in lines
+    assert 'fusion_run_phase{run="ctl",phase="Running"} 1' in lines and 'fusion_run_phase{run="ctl",phase="Failed"} 0' in lines
+    assert 'fusion_workloads_created_total{run="ctl",kind="Job",stage="split"} 1' in lines
+    assert "# TYPE fusion_parts_committed_total counter" in lines
+    types = [line.split()[2] for line in lines if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), "one TYPE line per family"

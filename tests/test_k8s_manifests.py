@@ -12,7 +12,7 @@ from tests.helmchart import CHART, IMAGES, KUBE_VERSIONS, lint, merge_values, re
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "values-local.yaml")
-KUEUE = "kueue.x-k8s.io/v1beta1"  # a CRD: no schema here; checked for shape below
+KUEUE = "kueue.x-k8s.io/v1beta2"  # what Kueue 0.20 serves (it no longer serves v1beta1); a CRD: no schema here, checked for shape below
 
 
 def documents(path: Path) -> list[dict]:
@@ -31,7 +31,14 @@ def test_cluster_manifests_are_valid_kubernetes(version):
             continue
         validate_kubernetes(obj, version)
         checked.add(obj["kind"])
-    assert checked == {"Namespace", "Role", "RoleBinding", "Secret", "Deployment", "Service", "Job"}
+    assert checked == {"Namespace", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Secret", "Deployment", "Service", "Job"}
+
+
+def test_kueue_manifests_use_the_api_kueue_serves_now():
+    docs = documents(K8S / "kueue.yaml")
+    assert docs and {d["apiVersion"] for d in docs} == {KUEUE}
+    readme = (K8S / "README.md").read_text()
+    assert "ElasticJobsViaWorkloadSlices" in readme and "kueue.x-k8s.io/elastic-job" in readme
 
 
 def test_kueue_queues_are_what_the_chart_refers_to():
@@ -97,6 +104,15 @@ def test_installers_may_grant_what_the_controller_gets():
                 for v in rule["verbs"]:
                     assert (g, res, v) in held, (g, res, v)
     kinds = {(o["apiVersion"].split("/")[0] if "/" in o["apiVersion"] else "", o["kind"]) for o in r.objects}
-    plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings", "Job": "jobs", "Pod": "pods"}
+    plural = {
+        "ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+        "Job": "jobs", "Pod": "pods", "Service": "services",
+    }
     for group, kind in kinds:
         assert (group, plural[kind], "create") in held, kind
+    # Training on Trainer v2: a namespaced runtime is within the Role, the chart's cluster-wide one needs the ClusterRole
+    assert ("trainer.kubeflow.org", "trainingruntimes", "create") in held and ("trainer.kubeflow.org", "trainjobs", "delete") in held
+    cluster_role = next(d for d in documents(K8S / "installer-rbac.yaml") if d["kind"] == "ClusterRole")
+    assert {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"], "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]} in cluster_role["rules"]
+    monitored = render(values_file(CHART.parents[1] / "jobs/tiny.yaml"), IMAGES, {"store": "s3://runs/tiny"}, {"cluster": {"controller": {"metrics": {"serviceMonitor": {"enabled": True}}}}})
+    assert any(o["kind"] == "ServiceMonitor" for o in monitored.objects) and ("monitoring.coreos.com", "servicemonitors", "create") in held

@@ -1,23 +1,26 @@
 """`helm install` of a whole micro run on a simulated cluster (tests/k8s_sim.py): the Helm-
 rendered objects are applied to kmock's API emulator on 127.0.0.1, every pod runs as a local
-process against an S3 server on 127.0.0.1 (moto's emulator, and SeaweedFS), and the run
-completes in the order of its data: no workload exists before its inputs are committed. Mid-run, the alignment workers are scaled
-1 -> 3 -> 2 and one is killed, and still every shard is committed exactly once. Then
-`helm uninstall` removes everything the run created, and installing again resumes from the
-store without recomputing anything."""
+process against an S3 server on 127.0.0.1, and the run completes in the order of its data:
+no workload exists before its inputs are committed. It runs once with each training operator,
+each on another S3 server: a PyTorchJob (training operator v1.9) on SeaweedFS (a real S3
+server) and a TrainJob on the chart's torch runtime (Kubeflow Trainer v2) on moto's emulator.
+With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and one is killed,
+and still every shard is committed exactly once. The controller's Events, status ConfigMap and
+metrics follow the run. Then `helm uninstall` removes everything the run created, and
+installing again resumes from the store without recomputing anything."""
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.request
 
 import kmock
 import pytest
 
 from fusion.config import TrainSpec
 from tests.helmchart import IMAGES, merge_values, render
-from tests.k8s_sim import ApiServer, Cluster, s3_server, secret, timeline, until
-from tests.s3 import S3_BACKENDS
+from tests.k8s_sim import ApiServer, Cluster, free_port, kubectl_views, s3_server, secret, timeline, until
 
 RELEASE = "micro"
 NAMESPACE = "fusion"
@@ -41,9 +44,10 @@ INPUTS = {
 }
 
 
-@pytest.fixture(params=S3_BACKENDS)
+@pytest.fixture
 def s3(request):
-    """An S3 server (moto's, SeaweedFS), a versioned bucket (to count how often each object was written)."""
+    """An S3 server (request.param: moto or seaweedfs), a versioned bucket (to count how often
+    each object was written)."""
     with s3_server(BUCKET, versioned=True, backend=request.param) as server:
         yield server
 
@@ -67,8 +71,26 @@ def versions(client, prefix: str) -> dict[str, int]:
     return counts
 
 
-async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
+WORKLOAD_KINDS = ("Job", "PyTorchJob", "TrainJob")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The controller's metrics, as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+@pytest.mark.parametrize(("operator", "s3"), [("pytorchjob", "seaweedfs"), ("trainjob", "moto")], indirect=["s3"])
+async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, operator):
     s3_url, client = s3
+    metrics_port = free_port()
     spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": 1000})
     nodes = 1
     if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
@@ -80,13 +102,13 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
         {
             "cluster": {
                 "s3": {"secretName": "fusion-s3", "endpointUrl": s3_url, "region": "us-east-1"},
-                "controller": {"pollSeconds": 0.5},
+                "controller": {"pollSeconds": 0.5, "metrics": {"port": metrics_port}},
                 "workloads": {
                     "split": {"parallelism": 2},
                     "logits": {"gpus": 0, "parallelism": 2},
                     "align": {"workers": 1, "leaseSeconds": 15},  # a killed worker's shard is taken over soon
                     "fuse": {"parallelism": 2},
-                    "train": {"gpus": 0, "workers": nodes - 1},
+                    "train": {"gpus": 0, "workers": nodes - 1, "operator": operator},
                     "eval": {"gpus": 0},
                 },
             }
@@ -104,7 +126,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
                 """Every workload that exists had its inputs committed (checked the moment it
                 appears: the store is read after the API, so it can only hold more commits than
                 when the workload was created, never fewer)."""
-                existing = [(kind, o["metadata"]["name"]) for kind in ("Job", "PyTorchJob") for o in await cluster.list(kind)]
+                existing = [(kind, o["metadata"]["name"]) for kind in WORKLOAD_KINDS for o in await cluster.list(kind)]
                 done = committed(client)
                 for kind, name in existing:
                     if name in INPUTS and name not in seen:
@@ -131,18 +153,23 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             await cluster.apply(installed)
             cluster.event("helm install")
 
-            # Alignment workers: 1 -> 3 while the stage runs, one killed, then 2.
+            # Alignment workers: 1 -> 3 while the stage runs, one killed, then 2 (once: it is the
+            # same with either training operator).
             align = f"{RELEASE}-align-src-llama"
             await until(cluster, lambda: progress(lambda: running(align)), 420, f"{align} to run")
-            await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
-            cluster.event(f"kubectl patch job {align} parallelism 3")
-            pods = await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "3 align workers")
-            victim = pods[-1]["metadata"]["name"]
-            await cluster.delete("Pod", victim)
-            cluster.event(f"kubectl delete pod {victim}")
-            await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "a replacement worker")
-            await cluster.patch("Job", align, {"spec": {"parallelism": 2}})
-            cluster.event(f"kubectl patch job {align} parallelism 2")
+            mid_run = scrape(metrics_port)  # the controller's metrics while the run goes on
+            assert mid_run['fusion_part_committed{run="micro",stage="split",part="train"}'] == 1
+            assert mid_run['fusion_run_phase{run="micro",phase="Running"}'] == 1
+            if operator == "pytorchjob":
+                await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
+                cluster.event(f"kubectl patch job {align} parallelism 3")
+                pods = await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "3 align workers")
+                victim = pods[-1]["metadata"]["name"]
+                await cluster.delete("Pod", victim)
+                cluster.event(f"kubectl delete pod {victim}")
+                await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "a replacement worker")
+                await cluster.patch("Job", align, {"spec": {"parallelism": 2}})
+                cluster.event(f"kubectl patch job {align} parallelism 2")
 
             controller = f"{RELEASE}-controller"
             await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 600, "the run to end")
@@ -163,14 +190,37 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path):
             assert len(records) == shards and set(records.values()) == {1}, f"align records written more than once: {records}"
             assert not [k for k in versions(client, "micro/align/") if "/_leases/" in k and _exists(client, k)], "a lease was left behind"
 
+            # What an operator sees: the training workload of this operator, an Event for every
+            # workload created and every part committed, and the status ConfigMap complete.
+            train = await cluster.get({"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[operator], f"{RELEASE}-train")
+            assert train is not None and train["status"]["conditions"][0]["type"] in ("Succeeded", "Complete")
+            events = await cluster.list("Event")
+            reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events}
+            for name in INPUTS:
+                assert (name, "Created") in reasons, name
+            assert {(f"{RELEASE}-controller", r) for r in ("Prepared", "RunComplete")} <= reasons
+            assert sum(1 for e in events if e["reason"] == "Committed") == len(committed(client))
+            created = next(e for e in events if e["reason"] == "Created" and e["involvedObject"]["name"] == f"{RELEASE}-train")
+            assert created["involvedObject"]["uid"] == train["metadata"]["uid"], "kubectl describe finds it"
+            status = (await cluster.get("ConfigMap", f"{RELEASE}-status"))["data"]
+            assert status["phase"] == "Complete" and status["lastError"] == ""
+            parts = json.loads(status["status.json"])["parts"]
+            assert {f"{p['stage']}/{p['part']}" for p in parts} == committed(client)
+            assert all(p["state"] == "committed" and p["shardsCommitted"] == p["shardsTotal"] for p in parts)
+            assert next(p for p in parts if p["stage"] == "align")["rows"] > 0
+            print("\n" + await kubectl_views(cluster, RELEASE))
+
             # helm uninstall: everything the run created goes (the garbage collector follows owners).
             await cluster.uninstall(installed)
             cluster.event("helm uninstall")
 
             async def nothing_left():
-                return not any([await cluster.list(kind) for kind in ("Job", "PyTorchJob", "Pod", "ConfigMap")])
+                return not any([await cluster.list(kind) for kind in (*WORKLOAD_KINDS, "Pod", "ConfigMap", "ClusterTrainingRuntime", "Service")])
 
             await until(cluster, nothing_left, 60, "uninstall to remove everything")
+
+            if operator != "pytorchjob":
+                return  # resuming is the same with either operator: once is enough
 
             # Installing the same run again resumes from the store: only prepare runs, nothing is recomputed.
             before = versions(client, "micro/")

@@ -63,6 +63,24 @@ def test_fused_model_loads_and_report_is_complete(finished):
     assert (store / "eval/report/shard-00000.files/report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_saved_tokenizer_starts_texts_with_bos_as_training_did(finished):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, store, _ = finished
+    model_dir = store / "train/model/shard-00000.files"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    bos = run.tokenizers["target"].bos_token_id
+    text = "def main():\n    return 0"
+    plain = run.tokenizers["target"](text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text)["input_ids"] == [bos, *plain]
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    as_users_call_it = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    by_hand = model.generate(torch.tensor([[bos, *plain]]), max_new_tokens=8, do_sample=False)
+    assert as_users_call_it.tolist() == by_hand.tolist()
+
+
 def test_second_run_reuses_everything(finished):
     run, store, _ = finished
     before = committed_outputs(store)

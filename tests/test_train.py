@@ -132,16 +132,16 @@ def test_first_step_is_the_fusion_loss_of_the_first_global_batch(reference, micr
     from transformers import AutoModelForCausalLM
 
     run, store = reference
-    reader = data.open_reader(run, 0, 1)
-    blocks = [next(reader) for _ in range(4)]
-    bos = run.tokenizers["target"].bos_token_id
-    batch = data.collate(blocks, bos=bos, pad=bos, width=10**6, candidates=3)
+    reader = data.PackedReader.for_run(run, 0, 1, micro_batch_size=4)
+    batch = next(reader)
+    reader.close()
+    assert (batch.step, batch.last, len(batch.blocks)) == (0, True, 4)
     model = AutoModelForCausalLM.from_pretrained(micro.models["target"], dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch.inputs, attention_mask=batch.mask).logits[:, :-1]
     out = fusion_loss(logits, batch.labels, batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail, lam=0.9)
     first = log_of(store)[0]
-    assert first["tokens"] == batch.tokens == int(sum(len(b.tokens) for b in blocks))
+    assert first["tokens"] == batch.tokens == int(batch.mask.sum()) - 4
     assert first["loss"] == pytest.approx(float(out["loss"]), rel=1e-6)
     assert first["clm"] == pytest.approx(float(out["clm"]), rel=1e-6)
     assert first["fusion"] == pytest.approx(float(out["fusion"]), rel=1e-6)
@@ -338,3 +338,15 @@ def test_torchrun_arguments_from_the_pytorchjob_environment():
     elastic["PET_RDZV_ENDPOINT"] = "job-worker-0:23456"
     expected = ["--nnodes=1:3", "--nproc-per-node=4", "-m", "fusion", "train", "s.yaml"]
     assert distributed.torchrun_args(["s.yaml"], elastic) == expected
+
+
+def test_torchrun_arguments_from_the_trainjob_environment():
+    """Kubeflow Trainer v2's torch plugin sets PET_* only: node 0's address is PET_MASTER_ADDR."""
+    trainer_env = {
+        "PET_NNODES": "4", "PET_NPROC_PER_NODE": "auto", "PET_NODE_RANK": "2",
+        "PET_MASTER_ADDR": "fuse-train-node-0-0.fuse-train", "PET_MASTER_PORT": "29400",
+    }
+    assert distributed.torchrun_args(["/etc/fusion/run.yaml"], trainer_env) == [
+        "--nnodes=4", "--nproc-per-node=auto", "--rdzv-backend=c10d", "--rdzv-endpoint=fuse-train-node-0-0.fuse-train:29400",
+        "--rdzv-id=fusion-train", "-m", "fusion", "train", "/etc/fusion/run.yaml",
+    ]

@@ -15,6 +15,7 @@ blocks.py (align_blocks, align_blocks_parallel), fixture.py (the alignment-fixtu
 """
 
 from .blocks import align_blocks, align_blocks_parallel, coverage
+from .streams import check_placeable
 from .tokens import TokenView, content_hash, token_view
 from .vocab import MODES, vocab_map
 
@@ -26,5 +27,5 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
     return run(fixture_dir, mode, out_path)
 
 
-__all__ = ["MODES", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "content_hash",
-           "coverage", "token_view", "vocab_map"]
+__all__ = ["MODES", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "check_placeable",
+           "content_hash", "coverage", "token_view", "vocab_map"]

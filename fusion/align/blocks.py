@@ -33,7 +33,7 @@ from ..errors import FusionError
 from ..sparse import SparseRows, concat
 from .default import CONDITIONED, DUMMY, SHARED, SPECIAL, default_blocks
 from .reference import DISTRIBUTION, EMPTY, ONE_HOT, first_token_match, reference_blocks
-from .streams import block_prefixes, block_starts, place
+from .streams import block_prefixes, block_starts, locate
 from .tokens import TokenView
 from .vocab import MODES, continuation_table, dummy_prefix_table, vocab_map
 
@@ -68,15 +68,17 @@ def _tokens(tokens, view: TokenView, side: str) -> np.ndarray:
 
 
 def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str, first_block: int):
-    """Each token's start in its block's text and its length in bytes (FusionError where the
-    tokens do not spell the text)."""
+    """Each token's start in its block's text, its length in bytes there and whether that span
+    is its own spelling (streams.locate; FusionError where the tokens do not spell the text)."""
     prefixes = block_prefixes(view.data, view.ptr, tokens, ptr, text, text_ptr)
     lengths = view.lengths[tokens].astype(np.int64)
+    exact = np.ones(len(tokens), dtype=np.bool_)
+    starts = block_starts(lengths, ptr, np.maximum(prefixes, 0))
     for blk in np.flatnonzero(prefixes < 0):
         a, b = ptr[blk], ptr[blk + 1]
         what = f"block {first_block + blk}, {side} tokens{' (' + view.name + ')' if view.name else ''}"
-        prefixes[blk], lengths[a:b] = place(view, tokens[a:b], encoded[blk], what)
-    return block_starts(lengths, ptr, prefixes), lengths
+        starts[a:b], lengths[a:b], exact[a:b] = locate(view, tokens[a:b], encoded[blk], what)
+    return starts, lengths, exact
 
 
 _spellings: dict[tuple[str, str], dict[str, int]] = {}
@@ -162,13 +164,13 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     text_ptr = np.zeros(blocks + 1, dtype=np.int64)
     np.cumsum([len(t) for t in encoded], out=text_ptr[1:])
-    t_start, t_len = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
-    s_start, s_len = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
+    t_start, t_len, t_exact = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
+    s_start, s_len, s_exact = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
     if mode == "default":
         ids, logprobs, counts, tails, how = default_blocks(
-            t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs, tail,
-            source_view.data, source_view.ptr, mapping, continuation_table(source_view, target_view),
+            t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len, s_exact, topk_ids,
+            topk_logprobs, tail, source_view.data, source_view.ptr, mapping, continuation_table(source_view, target_view),
             dummy_prefix_table(source_view, target_view))
         ways = {"shared": SHARED, "conditioned": CONDITIONED, "dummy": DUMMY, "special": SPECIAL}
     else:

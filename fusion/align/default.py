@@ -26,6 +26,10 @@ from the same text: it predicts the same continuation, only spelled in source to
    text at the same offset (EOS after the same text on both sides shares the distribution), else
    their row gets none.
 
+5. A tokenizer that normalized the text (streams.locate) has tokens whose span in the text is not
+   their own spelling (a collapsed run of spaces). Case 1 holds for them as for any token; case 2
+   needs the committed bytes, which such a span does not give: no distribution there.
+
 Every row keeps the mass it could not place as `tail`: the source's own tail plus listed ids
 without a target token. Ids that land on the same target token add their probabilities. A row
 with no entries means no distribution: training falls back to the one-hot on the row's real
@@ -111,10 +115,14 @@ def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct
 
 
 @njit(cache=True, nogil=True)
-def default_blocks(t_ids, t_ptr, t_start, t_len, s_ids, s_ptr, s_start, s_len, topk_ids, topk_logprobs, tail,
-                   s_data, s_vptr, direct, continuation, dummy):
+def default_blocks(t_ids, t_ptr, t_start, t_len, t_exact, s_ids, s_ptr, s_start, s_len, s_exact, topk_ids,
+                   topk_logprobs, tail, s_data, s_vptr, direct, continuation, dummy):
     """Default mode on many blocks (see the module doc). t_start/s_start: each token's start in
-    its block's text (a dummy space at -1), t_len/s_len: its length in bytes.
+    its block's text (a dummy space at -1), t_len/s_len: its length in bytes there, t_exact /
+    s_exact: whether those bytes are the token's own (False where the tokenizer normalized the
+    text: streams.locate). A boundary inside an inexact source token, and an inexact target token
+    that covers no text, get no distribution: what the source has committed there is not known
+    byte for byte.
     Returns padded [rows, k] ids / log-probs, counts, tails and per row how it was filled."""
     rows = len(t_ids)
     k = max(topk_ids.shape[1], 1)
@@ -137,10 +145,12 @@ def default_blocks(t_ids, t_ptr, t_start, t_len, s_ids, s_ptr, s_start, s_len, t
                     last_text = q
                 q += 1
             if t_len[j] == 0:
+                if not t_exact[j]:
+                    continue  # spelled by the normalization alone
                 while z < s1 and s_start[z] < c:
                     z += 1
                 i = z
-                while i < s1 and s_start[i] == c and s_len[i] > 0:
+                while i < s1 and s_start[i] == c and (s_len[i] > 0 or not s_exact[i]):
                     i += 1
                 if i < s1 and s_start[i] == c:
                     z = i + 1
@@ -158,6 +168,8 @@ def default_blocks(t_ids, t_ptr, t_start, t_len, s_ids, s_ptr, s_start, s_len, t
                         how[j] = DUMMY
                 continue
             shift = c - s_start[last_text]
+            if shift > 0 and not s_exact[last_text]:
+                continue
             if _row(j, last_text, shift, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation,
                     dummy, ids, logprobs, counts, tails, prob, slot):
                 how[j] = SHARED if shift == 0 else CONDITIONED

@@ -172,6 +172,32 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
             "tokens_per_second": round(tokens / seconds) if seconds else None, "out": str(out_path)}
 
 
+CHECKER = "check_alignment_fixture.py"
+
+
+def check_candidate(fixture_dir, mode: str, candidate) -> dict:
+    """Run the fixture's own checker (CHECKER, shipped in the fixture folder) on a candidate
+    .npz: {"passed", "failed", "failures" (its FAIL lines), "checker"}. The checker compares
+    every sequence exactly with the original code's output."""
+    import re
+    import subprocess
+
+    checker = Path(fixture_dir) / CHECKER
+    if not checker.is_file():
+        raise FusionError(f"{fixture_dir}: no {CHECKER} in the fixture; --no-check only writes the candidate")
+    mode = mode.removeprefix("reference-")
+    proc = subprocess.run([sys.executable, str(checker), "--fixture", str(fixture_dir), "--mode", mode,
+                           "--candidate", str(candidate)], capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    last = lines[-1] if lines else ""
+    counts = re.fullmatch(r"(\d+) passed, (\d+) failed", last)
+    if proc.returncode not in (0, 1) or counts is None:
+        problem = (proc.stderr.strip() or last or f"exit {proc.returncode}").splitlines()[-1]
+        raise FusionError(f"{checker}: the checker did not run ({problem})")
+    return {"passed": int(counts[1]), "failed": int(counts[2]), "failures": [x for x in lines if ": FAIL" in x],
+            "checker": str(checker)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusion.align.fixture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fixture", required=True, help="folder in the alignment-fixture format")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -67,6 +68,9 @@ class TokenView:
     unk_id: int
     hash: str  # hash of everything above (so cached tables follow any change in the derivation)
     name: str = ""
+    # text -> the bytes its tokens spell, by the tokenizer's own normalizer (None: no normalizer);
+    # streams.locate uses it where the tokens do not spell the text itself
+    normalized: Callable[[str], bytes] | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -259,5 +263,23 @@ def token_view(tokenizer, name: str = "") -> TokenView:
         roles["unk"] = backend.token_to_id(unk)
     if roles["unk"] >= 0:
         special.add(roles["unk"])
-    return build_view(strings, config, special, literal - special, roles["bos"], roles["eos"], roles["unk"],
+    view = build_view(strings, config, special, literal - special, roles["bos"], roles["eos"], roles["unk"],
                       hash=content_hash(tokenizer), name=name)
+    view.normalized = normalization(backend.normalizer, _spelling(config)[1])
+    return view
+
+
+def normalization(normalizer, replacements: list[tuple[str, str]]) -> Callable[[str], bytes] | None:
+    """What the tokens of a text spell: the text through the tokenizer's normalizer (a
+    `tokenizers` Normalizer), spaces spelled back from their marker as the token views do."""
+    if normalizer is None:
+        return None
+    spaces = [(pattern, content) for pattern, content in replacements if content == " " and pattern]
+
+    def spell(text: str) -> bytes:
+        out = normalizer.normalize_str(text)
+        for pattern, content in spaces:
+            out = out.replace(pattern, content)
+        return out.encode("utf-8", "surrogateescape")
+
+    return spell

@@ -7,9 +7,14 @@ Modes:
   target token whose string is nearest by Levenshtein distance over code points, the lowest id
   winning ties (the original scans the target vocabulary in id order and keeps the first minimum).
   The original computes all |V_s| x |V_t| distances (827 s on 2 processes for 50k x 32k); we find
-  the same token by scanning targets in order of growing length difference and skipping every
-  target whose lower bound (length difference; characters present on one side only, through a
-  64-bit character mask) already exceeds the best distance found, in compiled parallel code.
+  the same token by branch and bound, in compiled parallel code, one of two ways per query.
+  Where few targets share its characters (a byte-level spelling of Cyrillic or CJK against a
+  SentencePiece vocabulary, the bulk of a 151k vocabulary's misses): a target sharing none is
+  at distance max(|x|, |y|) exactly, one sharing s characters (as a multiset) at least
+  max(|x|, |y|) - s, so only the sharing ones are compared, in order of that bound. Otherwise:
+  targets in order of growing length difference, skipping every target whose lower bound
+  (length difference; characters present on one side only, through a 64-bit character mask)
+  already exceeds the best distance found.
 - "default": by the bytes tokens stand for (tokens.py). A target token with the same bytes, else
   the longest target token whose bytes are a PREFIX of the source token's: the distance here is
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
@@ -25,7 +30,9 @@ Modes:
   target cannot spell at all, map to the target's unknown token if it has one, else -1.
 
 `continuation_table` / `dummy_prefix_table` extend the default map to source tokens whose first
-bytes are already committed (default.py) or that follow a target's dummy space.
+bytes are already committed (default.py) or that follow a target's dummy space. All three walk a
+byte trie of the target's ordinary tokens in compiled code (ByteTrie; FirstToken is the same
+rule in plain Python, which the tests compare it with).
 
 Maps are cached on disk, keyed by both views' hashes and the mode, in $FUSION_CACHE_DIR (default
 ~/.cache/fusion), written atomically (temporary file, then rename).
@@ -155,52 +162,177 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     return row[m]
 
 
-@njit(parallel=True, cache=True)
-def _nearest(qf, qp, qmask, tf, tp, tmask, by_length, length_start, longest):
-    """For each query string: the lowest target id at minimum Levenshtein distance.
+@njit(cache=True)
+def _nearest_one(qf, x0, x1, qmask, tf, tp, tmask, by_length, length_start, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], scanning targets in
+    order of growing length difference and skipping those whose lower bound (length difference;
+    characters present on one side only, through the 64-bit masks) already exceeds the best.
 
     by_length: target ids sorted by (length, id); length_start[L]: where length L begins."""
+    max_len = len(length_start) - 2
+    size = x1 - x0
+    best = np.int64(1) << 40
+    best_id = np.int64(1) << 40
+    for delta in range(max_len + size + 1):
+        if delta > best:
+            break
+        for side in range(2):
+            if side == 1 and delta == 0:
+                continue
+            length = size + delta if side == 0 else size - delta
+            if length < 0 or length > max_len:
+                continue
+            for r in range(length_start[length], length_start[length + 1]):
+                y = by_length[r]
+                bound = delta
+                only_left = _popcount(qmask & ~tmask[y])
+                only_right = _popcount(tmask[y] & ~qmask)
+                if only_left > bound:
+                    bound = only_left
+                if only_right > bound:
+                    bound = only_right
+                if bound > best or (bound == best and y > best_id):
+                    continue
+                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+                if d < best or (d == best and y < best_id):
+                    best = d
+                    best_id = y
+    return best_id
+
+
+@njit(cache=True)
+def _postings(tf, tp, chars):
+    """Per character (index into the sorted array `chars`): the targets holding it and how often,
+    as CSR (start, target, count)."""
+    n = len(tp) - 1
+    entries_char = np.empty(len(tf), np.int64)
+    entries_target = np.empty(len(tf), np.int32)
+    entries_count = np.empty(len(tf), np.int32)
+    e = 0
+    for y in range(n):
+        own = np.sort(np.searchsorted(chars, tf[tp[y]:tp[y + 1]]))
+        q = 0
+        while q < len(own):
+            r = q
+            while r < len(own) and own[r] == own[q]:
+                r += 1
+            entries_char[e] = own[q]
+            entries_target[e] = y
+            entries_count[e] = r - q
+            e += 1
+            q = r
+    order = np.argsort(entries_char[:e], kind="mergesort")  # stable: targets ascending per character
+    start = np.zeros(len(chars) + 1, np.int64)
+    for q in range(e):
+        start[entries_char[q] + 1] += 1
+    for c in range(len(chars)):
+        start[c + 1] += start[c]
+    return start, entries_target[:e][order], entries_count[:e][order]
+
+
+@njit(cache=True)
+def _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start, target, count,
+                       shared, stamp, mark, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], for a query whose
+    characters few targets hold. A target sharing no character with the query is at distance
+    max(|x|, |y|) exactly; one sharing `s` (multiset count) is at least max(|x|, |y|) - s away.
+    So: the best target sharing nothing, then the sharing ones in order of that bound."""
+    size = x1 - x0
+    own = np.sort(qf[x0:x1])
+    touched = []
+    q = 0
+    while q < size:
+        r = q
+        while r < size and own[r] == own[q]:
+            r += 1
+        c = np.searchsorted(chars, own[q])
+        if c < len(chars) and chars[c] == own[q]:
+            for e in range(start[c], start[c + 1]):
+                y = target[e]
+                if stamp[y] != mark:
+                    stamp[y] = mark
+                    shared[y] = 0
+                    touched.append(y)
+                shared[y] += min(r - q, count[e])
+        q = r
+    best = np.int64(1) << 40
+    best_id = np.int64(1) << 40
+    for y in by_id:  # sharing nothing, at most as long as the query: distance |x|, lowest id first
+        if tp[y + 1] - tp[y] > size:
+            continue
+        if stamp[y] != mark:
+            best, best_id = size, y
+            break
+    if best_id == np.int64(1) << 40:  # else the shortest longer one sharing nothing
+        for length in range(size + 1, len(length_start) - 1):
+            for r in range(length_start[length], length_start[length + 1]):
+                y = by_length[r]
+                if stamp[y] != mark:
+                    best, best_id = length, y
+                    break
+            if best_id != np.int64(1) << 40:
+                break
+    # the sharing targets by bound (a counting sort: bounds are small), each bucket in any order
+    top = 0
+    for y in touched:
+        top = max(top, max(size, tp[y + 1] - tp[y]) - shared[y])
+    fill = np.zeros(top + 2, np.int64)
+    for y in touched:
+        fill[max(size, tp[y + 1] - tp[y]) - shared[y] + 1] += 1
+    for b in range(top + 1):
+        fill[b + 1] += fill[b]
+    bucket_start = fill.copy()
+    ordered = np.empty(len(touched), np.int64)
+    for y in touched:
+        b = max(size, tp[y + 1] - tp[y]) - shared[y]
+        ordered[fill[b]] = y
+        fill[b] += 1
+    for b in range(top + 1):
+        if b > best:
+            break
+        for r in range(bucket_start[b], bucket_start[b + 1]):
+            y = ordered[r]
+            if b == best and y > best_id:
+                continue
+            d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+            if d < best or (d == best and y < best_id):
+                best, best_id = d, y
+    return best_id
+
+
+@njit(parallel=True, cache=True)
+def _nearest_all(qf, qp, qmask, tf, tp, tmask, by_id, by_length, length_start, longest, chars, start, target,
+                 count, chunks, shared_search):
+    """The nearest target for every query, each by the search likely cheaper for it: through the
+    targets that share its characters where those are not many more than the targets
+    (_nearest_by_shared), else by length (_nearest_one; for all queries without shared_search)."""
     nq = len(qp) - 1
     out = np.full(nq, -1, np.int32)
-    max_len = len(length_start) - 2
-    for q in prange(nq):
+    n_targets = len(tp) - 1
+    per = (nq + chunks - 1) // chunks
+    for part in prange(chunks):
+        shared = np.zeros(n_targets, np.int64)
+        stamp = np.zeros(n_targets, np.int64)
         row = np.empty(longest + 2, np.int64)
-        x0 = qp[q]
-        x1 = qp[q + 1]
-        size = x1 - x0
-        best = np.int64(1) << 40
-        best_id = np.int64(1) << 40
-        for delta in range(max_len + size + 1):
-            if delta > best:
-                break
-            for side in range(2):
-                if side == 1 and delta == 0:
-                    continue
-                length = size + delta if side == 0 else size - delta
-                if length < 0 or length > max_len:
-                    continue
-                for r in range(length_start[length], length_start[length + 1]):
-                    y = by_length[r]
-                    bound = delta
-                    only_left = _popcount(qmask[q] & ~tmask[y])
-                    only_right = _popcount(tmask[y] & ~qmask[q])
-                    if only_left > bound:
-                        bound = only_left
-                    if only_right > bound:
-                        bound = only_right
-                    if bound > best or (bound == best and y > best_id):
-                        continue
-                    d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-                    if d < best or (d == best and y < best_id):
-                        best = d
-                        best_id = y
-        out[q] = best_id
+        for qi in range(part * per, min(nq, (part + 1) * per)):
+            x0, x1 = qp[qi], qp[qi + 1]
+            work = 0
+            for q in range(x0, x1):
+                c = np.searchsorted(chars, qf[q])
+                if c < len(chars) and chars[c] == qf[q]:
+                    work += start[c + 1] - start[c]
+            if shared_search and work < 2 * n_targets:
+                out[qi] = _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start,
+                                             target, count, shared, stamp, qi + 1, row)
+            else:
+                out[qi] = _nearest_one(qf, x0, x1, qmask[qi], tf, tp, tmask, by_length, length_start, row)
     return out
 
 
-def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
+def nearest_strings(queries: list[str], targets: list[str], shared_search: bool = True) -> np.ndarray:
     """For each query: the index of the first target (in list order) at minimum Levenshtein
-    distance; empty target strings never win."""
+    distance; empty target strings never win. shared_search=False: every query by length alone
+    (the slower search this one replaced; the same answers)."""
     qf, qp = codepoints(queries)
     tf, tp = codepoints(targets)
     lengths = np.diff(tp)
@@ -209,7 +341,13 @@ def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
     max_len = int(lengths.max(initial=0))
     length_start = np.searchsorted(lengths[by_length], np.arange(max_len + 2)).astype(np.int64)
     longest = int(max(max_len, np.diff(qp).max(initial=0)))
-    return _nearest(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), by_length, length_start, longest)
+    chars = np.unique(tf)
+    start, target, count = _postings(tf, tp, chars)
+    from numba import get_num_threads
+
+    return _nearest_all(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), usable.astype(np.int64), by_length,
+                        length_start, longest, chars, start, target, count, max(1, get_num_threads() * 8),
+                        shared_search)
 
 
 def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
@@ -273,6 +411,132 @@ def first_token(target: TokenView) -> FirstToken:
     return lookup
 
 
+# The same lookup compiled, for whole vocabularies at once: a byte trie over the target's
+# ordinary tokens (first child / next sibling, the root's children in a table of 256).
+
+@njit(cache=True)
+def _build_trie(data, ptr, ids):
+    """Trie of the byte strings data[ptr[i]:ptr[i+1]] for i in ids, each node's token the id of
+    the string that ends there (the first listed wins). Returns (child, sibling, label, token,
+    root) with root[b] the node of the one-byte prefix b (-1: none)."""
+    capacity = 1
+    for i in ids:
+        capacity += ptr[i + 1] - ptr[i]
+    child = np.full(capacity, -1, np.int32)
+    sibling = np.full(capacity, -1, np.int32)
+    label = np.zeros(capacity, np.uint8)
+    token = np.full(capacity, -1, np.int32)
+    root = np.full(256, -1, np.int32)
+    nodes = 0
+    for i in ids:
+        node = -1
+        for q in range(ptr[i], ptr[i + 1]):
+            b = data[q]
+            if node < 0:
+                nxt = root[b]
+                if nxt < 0:
+                    nxt = nodes
+                    nodes += 1
+                    label[nxt] = b
+                    root[b] = nxt
+            else:
+                nxt = child[node]
+                while nxt >= 0 and label[nxt] != b:
+                    nxt = sibling[nxt]
+                if nxt < 0:
+                    nxt = nodes
+                    nodes += 1
+                    label[nxt] = b
+                    sibling[nxt] = child[node]
+                    child[node] = nxt
+            node = nxt
+        if node >= 0 and token[node] < 0:
+            token[node] = i
+    return child[:nodes], sibling[:nodes], label[:nodes], token[:nodes], root
+
+
+@njit(cache=True, nogil=True)
+def _first_of(child, sibling, label, token, root, pieces, lead, data, q0, q1):
+    """FirstToken for the bytes `lead` (if >= 0) + data[q0:q1]; -2 where the answer is -1
+    because ordinary tokens continue these bytes (FirstToken.started)."""
+    node = -1
+    best = -1
+    size = q1 - q0 + (1 if lead >= 0 else 0)
+    walked = 0
+    for r in range(size):
+        b = lead if (lead >= 0 and r == 0) else data[q0 + r - (1 if lead >= 0 else 0)]
+        if node < 0:
+            nxt = root[b]
+        else:
+            nxt = child[node]
+            while nxt >= 0 and label[nxt] != b:
+                nxt = sibling[nxt]
+        if nxt < 0:
+            break
+        node = nxt
+        walked += 1
+        if token[node] >= 0:
+            best = token[node]
+    if best >= 0:
+        return best
+    if size == 0:
+        return -1
+    if walked == size:
+        return -2  # a proper prefix of some ordinary token (a whole token would have been found)
+    first = lead if lead >= 0 else data[q0]
+    return pieces[first]
+
+
+@njit(cache=True, nogil=True)
+def _firsts(child, sibling, label, token, root, pieces, lead, data, starts, ends):
+    out = np.empty(len(starts), np.int32)
+    for q in range(len(starts)):
+        out[q] = _first_of(child, sibling, label, token, root, pieces, lead, data, starts[q], ends[q])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _suffixes(ptr, ids):
+    """(starts, ends) of every proper suffix data[ptr[x]+k : ptr[x+1]], 1 <= k < len(x), x in ids."""
+    total = 0
+    for x in ids:
+        total += max(ptr[x + 1] - ptr[x] - 1, 0)
+    starts = np.empty(total, np.int64)
+    ends = np.empty(total, np.int64)
+    n = 0
+    for x in ids:
+        for q in range(ptr[x] + 1, ptr[x + 1]):
+            starts[n] = q
+            ends[n] = ptr[x + 1]
+            n += 1
+    return starts, ends
+
+
+class ByteTrie:
+    """FirstToken over many byte strings at once, in compiled code (the same answers)."""
+
+    def __init__(self, target: TokenView):
+        table = bytes_to_id(target)
+        ordinary = np.array(sorted(i for i in table.values() if not target.byte_piece[i]), dtype=np.int64)
+        self.arrays = _build_trie(target.data, target.ptr, ordinary)
+        self.pieces = np.full(256, -1, np.int32)
+        for data, i in table.items():
+            if target.byte_piece[i]:
+                self.pieces[data[0]] = i
+
+    def firsts(self, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, lead: int = -1) -> np.ndarray:
+        """Per string data[starts[q]:ends[q]] (after the byte `lead` if >= 0): the FirstToken answer,
+        -2 where FirstToken says -1 because ordinary target tokens continue the bytes."""
+        return _firsts(*self.arrays, self.pieces, lead, data, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
+
+
+def byte_trie(target: TokenView) -> ByteTrie:
+    trie = target.__dict__.get("_byte_trie")
+    if trie is None:
+        trie = target.__dict__["_byte_trie"] = ByteTrie(target)
+    return trie
+
+
 def _special_map(source: TokenView, target: TokenView, x: int) -> int:
     if x == source.eos_id and target.eos_id >= 0:
         return target.eos_id
@@ -281,18 +545,20 @@ def _special_map(source: TokenView, target: TokenView, x: int) -> int:
     return target.unk_id if x == source.unk_id else -1
 
 
+def _special_maps(source: TokenView, target: TokenView, out: np.ndarray) -> np.ndarray:
+    """Ids without text (special or empty) in `out` set by _special_map; the others' mask."""
+    text = ~source.special & (source.lengths > 0)
+    for x in np.flatnonzero(~text):
+        out[x] = _special_map(source, target, int(x))
+    return text
+
+
 def default_map(source: TokenView, target: TokenView) -> np.ndarray:
-    first = first_token(target)
     out = np.full(source.size, -1, dtype=np.int32)
-    for x in range(source.size):
-        if source.special[x] or source.lengths[x] == 0:
-            out[x] = _special_map(source, target, x)
-            continue
-        data = source.token_bytes(x)
-        hit = first(data)
-        if hit < 0 and data not in first.started:
-            hit = target.unk_id  # bytes the target cannot spell at all: its unknown token
-        out[x] = hit
+    ids = np.flatnonzero(_special_maps(source, target, out))
+    hits = byte_trie(target).firsts(source.data, source.ptr[ids], source.ptr[ids + 1])
+    # bytes the target cannot spell at all (no token, no piece): its unknown token
+    out[ids] = np.where(hits == -2, -1, np.where(hits == -1, target.unk_id, hits))
     return out
 
 
@@ -300,13 +566,9 @@ def continuation_table(source: TokenView, target: TokenView) -> np.ndarray:
     """int32 aligned with source.data: entry source.ptr[x] + k (1 <= k < len(x)) is the target token
     the rest of x's bytes after its first k would start with (-1: none); entry ptr[x] is unused."""
     def build():
-        first = first_token(target)
         out = np.full(len(source.data), -1, dtype=np.int32)
-        for x in range(source.size):
-            data = source.token_bytes(x)
-            base = int(source.ptr[x])
-            for k in range(1, len(data)):
-                out[base + k] = first(data[k:])
+        starts, ends = _suffixes(source.ptr, np.arange(source.size, dtype=np.int64))
+        out[starts] = np.maximum(byte_trie(target).firsts(source.data, starts, ends), -1)
         return out
     return cached("continuation", source, target, len(source.data), build)
 
@@ -316,12 +578,8 @@ def dummy_prefix_table(source: TokenView, target: TokenView) -> np.ndarray:
     start with (for a target that puts a dummy space in front of the text and a source that does
     not); special tokens as in the default map."""
     def build():
-        first = first_token(target)
         out = np.full(source.size, -1, dtype=np.int32)
-        for x in range(source.size):
-            if source.special[x] or source.lengths[x] == 0:
-                out[x] = _special_map(source, target, x)
-            else:
-                out[x] = first(b" " + source.token_bytes(x))
+        ids = np.flatnonzero(_special_maps(source, target, out))
+        out[ids] = np.maximum(byte_trie(target).firsts(source.data, source.ptr[ids], source.ptr[ids + 1], 0x20), -1)
         return out
     return cached("dummy", source, target, source.size, build)

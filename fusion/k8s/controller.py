@@ -21,6 +21,8 @@ Every pass (each --poll-seconds) derives everything from the store and the API:
      - its object failed: the run fails (exit code 3), naming the workload.
   3. once every output is committed: print the run's status and exit 0.
 
+Each of these is also told to fusion.k8s.observe (Events, the status ConfigMap, metrics).
+
 A restarted controller continues where it was; installing the same run again resumes from
 the store (stage code skips committed shards). A committed output whose config hash differs
 from this spec's is an error, never reused.
@@ -51,8 +53,19 @@ PREPARE = "prepare"
 RESOURCES = {
     "Job": ("batch", "v1", "jobs"),
     "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
+    "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
 }
-SUCCEEDED = {"Job": "Complete", "PyTorchJob": "Succeeded"}
+SUCCEEDED = {"Job": "Complete", "PyTorchJob": "Succeeded", "TrainJob": "Complete"}
+# What serves each kind (named when the cluster does not), and the label its pods carry.
+OPERATORS = {
+    "PyTorchJob": "the Kubeflow training operator v1.9.0",
+    "TrainJob": "Kubeflow Trainer v2.3 (or set cluster.workloads.train.operator=pytorchjob)",
+}
+POD_SELECTORS = {
+    "Job": "job-name",
+    "PyTorchJob": "training.kubeflow.org/job-name",
+    "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+}
 MAX_WORKER_RESTARTS = 3
 FAILED = "Failed"
 
@@ -92,14 +105,18 @@ class Kube:
                 return None
             raise
 
-    def create(self, obj: dict) -> None:
+    def create(self, obj: dict) -> dict | None:
+        """Create obj; the object as created (its uid included), read back if the reply lacks it."""
         try:
-            self._call(obj["kind"], "create", obj)
+            created = self._call(obj["kind"], "create", obj)
+            if isinstance(created, dict) and (created.get("metadata") or {}).get("uid"):
+                return created
+            return self.get(obj["kind"], obj["metadata"]["name"])
         except self.ApiException as e:
-            if e.status == 404 and obj["kind"] == "PyTorchJob":
+            if e.status == 404 and obj["kind"] in OPERATORS:
+                group, version, _ = RESOURCES[obj["kind"]]
                 raise FusionError(
-                    "this cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training "
-                    "operator v1.9.0 (k8s/README.md)"
+                    f"this cluster does not serve {group}/{version} {obj['kind']}: install {OPERATORS[obj['kind']]} (k8s/README.md)"
                 ) from None
             if e.status in (400, 403, 422):
                 raise FusionError(f"cannot create {obj['kind']} {obj['metadata']['name']}: {e.status} {e.reason}: {e.body}") from None
@@ -185,8 +202,9 @@ def load_workloads(path: Path, run: Run) -> list[Workload]:
 
 # ---- the controller -----------------------------------------------------------------------------
 class Controller:
-    def __init__(self, run: Run, workloads: list[Workload], kube: Kube, job_name: str):
+    def __init__(self, run: Run, workloads: list[Workload], kube: Kube, job_name: str, observer=None):
         self.run = run
+        self.observer = observer  # fusion.k8s.observe.Observer, or None
         self.store = run.store
         self.workloads = workloads
         self.kube = kube
@@ -196,12 +214,18 @@ class Controller:
         self.committed: set[str] = set()
         self.restarts: dict[str, int] = {}  # work-queue Jobs started again
 
+    def notify(self, hook: str, *args) -> None:
+        """Tell the observer (Events, status ConfigMap, metrics) what happened."""
+        if self.observer is not None:
+            getattr(self.observer, hook)(*args)
+
     # -- ownership: everything the controller creates goes away with its Job ------------------
     def owner_reference(self) -> dict:
         if self.owner is None:
             job = self.kube.get("Job", self.job_name)
             if job is None:
                 raise FusionError(f"the controller's own Job {self.job_name} does not exist")
+            self.job = job
             self.owner = {
                 "apiVersion": "batch/v1",
                 "kind": "Job",
@@ -260,9 +284,10 @@ class Controller:
             what = f"Indexed Job, {n} shard(s), {obj['spec']['parallelism']} at once"
         elif w.kind == "Job" and "completions" not in obj["spec"]:
             what = f"Job of {obj['spec'].get('parallelism', 1)} worker(s)"
-        self.kube.create(obj)
+        created = self.kube.create(obj)
         after = ", ".join(f"{s}/{p}" for s, p in w.inputs) or "the plan"
         log(f"created {w.name} ({what}) after {after}")
+        self.notify("created", created or obj, w.outputs, f"created {w.name} ({what}) after {after}")
 
     def commit(self, w: Workload) -> None:
         """A workload succeeded: commit its parts, which checks every shard's record.
@@ -282,6 +307,7 @@ class Controller:
                 if self.restarts[w.name] > MAX_WORKER_RESTARTS:
                     raise FusionError(f"{w.name}: its workers finished {MAX_WORKER_RESTARTS + 1} times with shards left: {missing[:3]}")
                 log(f"{w.name} finished with {len(missing)} shard(s) left ({missing[0]}...): starting its workers again")
+                self.notify("restarted", w.manifest, f"finished with {len(missing)} shard(s) left ({missing[0]}...): starting its workers again")
                 self.kube.delete(w.kind, w.name)
                 return
         for stage, part in w.outputs:
@@ -289,6 +315,7 @@ class Controller:
             shards.commit_part(self.store, stage, part, self.outputs[key]["shards"], self.outputs[key]["config_hash"])
             self.committed.add(key)
             log(f"committed {key} ({self.outputs[key]['shards']} shard(s)) from {w.name}")
+            self.notify("committed", w.manifest, stage, part, f"committed {key} ({self.outputs[key]['shards']} shard(s))")
 
     def follow(self, w: Workload) -> bool:
         """Create the workload if it does not exist; True once it succeeded."""
@@ -299,11 +326,13 @@ class Controller:
             return False
         failed = condition(obj, FAILED)
         if failed is not None:
-            pods = f"training.kubeflow.org/job-name={w.name}" if w.kind == "PyTorchJob" else f"job-name={w.name}"
-            raise FusionError(
+            pods = f"{POD_SELECTORS[w.kind]}={w.name}"
+            message = (
                 f"{w.kind} {w.name} failed ({failed.get('reason')}: {failed.get('message')}); see "
                 f"`kubectl logs -l {pods}`, fix the cause, then install the run again to resume"
             )
+            self.notify("failed", obj, message, "WorkloadFailed")
+            raise FusionError(message)
         return condition(obj, SUCCEEDED[w.kind]) is not None
 
     # -- the loop ----------------------------------------------------------------------------
@@ -314,6 +343,7 @@ class Controller:
                 return False
             self.outputs = self.read_run_record()
             log(f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
+            self.notify("prepared", self.job, self.outputs, f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
         done = True
         for w in self.workloads[1:]:
             if all(self.is_committed(s, p) for s, p in w.outputs):
@@ -323,6 +353,7 @@ class Controller:
                 continue
             if self.follow(w):
                 self.commit(w)
+        self.notify("refresh", self.store, self.committed)
         return done
 
     def loop(self, poll_seconds: float) -> None:
@@ -331,25 +362,40 @@ class Controller:
             try:
                 if self.step():
                     log("every stage output is committed: the run is complete")
+                    self.notify("complete", "every stage output is committed: the run is complete")
                     return
-            except (FusionError, PermissionError):
+            except (FusionError, PermissionError) as e:
+                if self.observer is not None and self.observer.phase != "Failed":
+                    self.observer.failed(None, str(e))
                 raise
             except self.kube.ApiException as e:
                 if e.status in (401, 403):
+                    self.notify("failed", None, f"the Kubernetes API refused the controller: {e.status} {e.reason}")
                     raise FusionError(f"the Kubernetes API refused the controller: {e.status} {e.reason}") from None
                 log(f"Kubernetes API error, retrying: {e.status} {e.reason}")
+                self.notify("error", f"Kubernetes API error, retrying: {e.status} {e.reason}")
             except OSError as e:  # the API server or the store is unreachable for a moment
                 log(f"retrying after {type(e).__name__}: {e}")
+                self.notify("error", f"retrying after {type(e).__name__}: {e}")
             time.sleep(poll_seconds)
 
 
-def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | None, poll_seconds: float) -> int:
+def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | None, poll_seconds: float, metrics_port: int = 0) -> int:
+    from fusion.k8s import observe
     from fusion.status import format_status, status
 
     run = Run(load_spec(spec_path))
     namespace = namespace or _pod_namespace()
-    controller = Controller(run, load_workloads(Path(workloads_path), run), Kube(namespace), job_name)
-    controller.loop(poll_seconds)
+    kube = Kube(namespace)
+    observer = observe.Observer(observe.core_api(kube), namespace, run.spec.name, observe.status_name(job_name), log, os.environ.get("POD_NAME", ""))
+    metrics = observe.MetricsServer(metrics_port, observer.metrics) if metrics_port else None
+    if metrics is not None:
+        log(f"metrics on :{metrics.port}/metrics")
+    try:
+        Controller(run, load_workloads(Path(workloads_path), run), kube, job_name, observer).loop(poll_seconds)
+    finally:
+        if metrics is not None:
+            metrics.close()
     print(format_status(status(run.store.url)), flush=True)
     return 0
 

@@ -82,6 +82,12 @@ class StoreVolume(Strict):
 class Kueue(Strict):
     queueName: str = Field("", description="LocalQueue for every stage workload (kueue.x-k8s.io/queue-name).")
     priorityClass: str = Field("", description="Kueue WorkloadPriorityClass (kueue.x-k8s.io/priority-class).")
+    elasticJobs: bool = Field(
+        True,
+        description="Mark the alignment worker Jobs elastic (kueue.x-k8s.io/elastic-job: \"true\"), so that patching their "
+        "parallelism resizes them instead of suspending and requeueing them; needs Kueue's ElasticJobsViaWorkloadSlices "
+        "feature gate. Only with queueName.",
+    )
 
 
 class Resources(Strict):
@@ -98,13 +104,25 @@ class Toleration(Strict):
 
 
 class Placement(Strict):
-    """Where and how big the pods of one workload are."""
+    """Where and how big the pods of one workload are, and how long they may take."""
 
     resources: Resources = Resources()
     nodeSelector: dict[str, str] = {}
     tolerations: list[Toleration] = []
     affinity: dict[str, Any] = Field({}, description="A Kubernetes Affinity, as is.")
+    topologySpreadConstraints: list[dict[str, Any]] = Field(
+        [],
+        description="Kubernetes TopologySpreadConstraints, as is; the pods carry the labels "
+        "app.kubernetes.io/instance, fusion.dev/stage and fusion.dev/part to select them by.",
+    )
     priorityClassName: str = ""
+    runtimeClassName: str = Field("", description="RuntimeClass of the pods (e.g. nvidia, gvisor, kata); empty: the cluster's default.")
+    terminationGracePeriodSeconds: int | None = Field(
+        None, ge=0, description="Seconds a pod has between SIGTERM and SIGKILL; unset: Kubernetes' 30 (train: sized from train.preemption)."
+    )
+    activeDeadlineSeconds: int | None = Field(
+        None, ge=1, description="The workload fails once it has run this long (the Job's, PyTorchJob's or TrainJob's activeDeadlineSeconds); unset: no limit."
+    )
 
 
 def _resources(cpu: QUANTITY, memory: str) -> Resources:
@@ -150,9 +168,38 @@ class Elastic(Strict):
     maxRestarts: int = Field(3, ge=0)
 
 
+class Preemption(Strict):
+    """What a preempted (SIGTERM'd) train pod must still do: finish its step and save a
+    checkpoint (fusion/training/checkpoint.py). torchrun's agent waits stepSeconds +
+    saveSeconds for its workers (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), and the pod's grace period
+    adds exitSeconds for the agent itself, unless terminationGracePeriodSeconds is set."""
+
+    stepSeconds: int = Field(300, ge=1, description="The longest an optimizer step takes (the step in flight when SIGTERM comes).")
+    saveSeconds: int = Field(600, ge=1, description="The longest writing one checkpoint to the store takes.")
+    exitSeconds: int = Field(30, ge=0, description="Margin for torchrun's agent to exit once its workers have.")
+
+
+class Runtime(Strict):
+    name: str = Field(
+        "",
+        description="The Trainer v2 runtime the TrainJob references, e.g. torch-distributed (Kubeflow's); empty: the chart "
+        "ships its own torch ClusterTrainingRuntime, fusion-NAMESPACE-RELEASE, carrying every pod setting.",
+    )
+    kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime", description="Its kind: cluster-wide, or a TrainingRuntime in the release's namespace."
+    )
+
+
 class TrainSettings(Placement):
+    operator: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob",
+        description="pytorchjob: a kubeflow.org/v1 PyTorchJob (Kubeflow training operator v1.9); trainjob: a "
+        "trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2) on a torch runtime (`runtime`).",
+    )
+    runtime: Runtime = Runtime()
+    preemption: Preemption = Preemption()
     workers: int = Field(
-        0, ge=0, description="PyTorchJob Worker replicas beside the Master (nodes - 1); more than one process needs train.engine=deepspeed."
+        0, ge=0, description="Nodes beside the first (PyTorchJob Workers beside the Master; TrainJob numNodes - 1); more than one process needs train.engine=deepspeed."
     )
     gpus: int = Field(1, ge=0, description="GPUs per node.")
     nprocPerNode: str = Field("auto", pattern=r"^(auto|cpu|gpu|[1-9][0-9]*)$", description="torchrun processes per node.")
@@ -161,8 +208,20 @@ class TrainSettings(Placement):
     elastic: Elastic = Elastic()
 
 
+class ServiceMonitor(Strict):
+    enabled: bool = Field(False, description="Install a Prometheus Operator ServiceMonitor (monitoring.coreos.com/v1) for the metrics.")
+    interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval.")
+    labels: dict[str, str] = Field({}, description="Labels your Prometheus selects ServiceMonitors by (e.g. release: prometheus).")
+
+
+class Metrics(Strict):
+    port: int = Field(9090, ge=0, le=65535, description="Port of the controller's Prometheus metrics (GET /metrics); 0: none, and no Service.")
+    serviceMonitor: ServiceMonitor = ServiceMonitor()
+
+
 class ControllerSettings(Placement):
     pollSeconds: float = Field(15, gt=0, description="How often the controller reads the store and the API.")
+    metrics: Metrics = Metrics()
     backoffLimit: int = Field(6, ge=0, description="Restarts of the controller (it resumes where it was).")
 
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from fusion import encoding, shards
+from fusion.errors import FusionError
 from fusion.run import Run
 from fusion.stages import logits, split, vocab
 
@@ -44,13 +45,32 @@ def shard_count(run: Run, part: str) -> int:
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
-    from fusion.align import align_blocks_parallel
-
     texts, _ = split.read_blocks(run, "train", index)
     target = logits.read(run, run.target.name, index, ["tokens", "seq_ptr"])
     source = logits.read(run, part, index)
     stats: dict = {}
-    rows = align_blocks_parallel(
+    try:
+        rows = _align_shard(run, part, texts, target, source, stats)
+    except FusionError as e:
+        raise FusionError(f"align shard {index}, source '{part}', target '{run.target.name}': {e}") from None
+    target_vocab = len(run.tokenizers[run.target.name])
+    arrays = {
+        **encoding.encode_rows(rows.counts, rows.ids, rows.logprobs, target["tokens"], target_vocab),
+        "tail": rows.tail.astype(np.float16),
+        "seq_nll": source["seq_nll"],
+        "seq_bytes": encoding.narrow_uint(source["seq_bytes"]),
+        "seq_tokens": encoding.narrow_uint(np.diff(source["seq_ptr"])),
+    }
+    covered = stats["coverage"]  # rows with a source distribution (not the reference's one-hot fallback)
+    shards.write_shard(
+        run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=rows.rows, attrs={"coverage": round(covered, 6)}
+    )
+
+
+def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: dict):
+    from fusion.align import align_blocks_parallel
+
+    return align_blocks_parallel(
         texts,
         target["tokens"].astype(np.int64),
         target["seq_ptr"],
@@ -65,18 +85,6 @@ def run_shard(run: Run, part: str, index: int) -> None:
         run.spec.align.mode,
         stats=stats,
         workers=run.spec.align.workers or os.cpu_count() or 1,
-    )
-    target_vocab = len(run.tokenizers[run.target.name])
-    arrays = {
-        **encoding.encode_rows(rows.counts, rows.ids, rows.logprobs, target["tokens"], target_vocab),
-        "tail": rows.tail.astype(np.float16),
-        "seq_nll": source["seq_nll"],
-        "seq_bytes": encoding.narrow_uint(source["seq_bytes"]),
-        "seq_tokens": encoding.narrow_uint(np.diff(source["seq_ptr"])),
-    }
-    covered = stats["coverage"]  # rows with a source distribution (not the reference's one-hot fallback)
-    shards.write_shard(
-        run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=rows.rows, attrs={"coverage": round(covered, 6)}
     )
 
 

@@ -140,6 +140,26 @@ def _rounded(obj):
 
 
 def plot(report: dict, log: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(report, log)
+    fig.savefig(path, dpi=100, metadata={"Software": None}, bbox_inches="tight")
+    plt.close(fig)
+
+
+def smooth(values: list[float], window: int) -> np.ndarray:
+    """Trailing moving average over `window` steps (shorter at the start)."""
+    values = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def figure(report: dict, log: list[dict]):
+    """report.png: held-out bits per byte per model (overall, and per domain if there are
+    several), and the training loss, raw (faint) and smoothed. Legends sit below the plots,
+    never over a bar or a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,24 +167,28 @@ def plot(report: dict, log: list[dict], path: Path) -> None:
 
     results = report["results"]
     domains = sorted({d for r in results for d in r["domains"]})
-    groups = ["all", *domains]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups = ["all", *domains] if len(domains) > 1 else [f"all ({domains[0]})" if domains else "all"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     width = 0.8 / len(results)
     for i, r in enumerate(results):
-        values = [r["bits_per_byte"]] + [r["domains"].get(d, np.nan) for d in domains]
-        ax.bar(np.arange(len(groups)) + i * width, values, width, label=r["model"])
+        values = [r["bits_per_byte"]] + ([r["domains"].get(d, np.nan) for d in domains] if len(domains) > 1 else [])
+        bars = ax.bar(np.arange(len(groups)) + i * width, values, width, label=r["model"])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_xticks(np.arange(len(groups)) + width * (len(results) - 1) / 2, groups)
     ax.set_ylabel("bits per byte (held out, lower is better)")
     ax.set_title(f"{report['run']}: held-out bits per byte")
-    ax.legend(fontsize=8)
+    ax.margins(y=0.1)
+    ncol = len(results) if len(results) <= 4 else 3
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=ncol, frameon=False)
     steps = [e["step"] for e in log]
-    for key in ("loss", "clm", "fusion"):
-        ax2.plot(steps, [e[key] for e in log], label=key)
+    window = max(1, len(log) // 20)
+    for key, color in (("loss", "C0"), ("clm", "C1"), ("fusion", "C2")):
+        raw = [e[key] for e in log]
+        ax2.plot(steps, raw, color=color, alpha=0.25, linewidth=0.8)
+        ax2.plot(steps, smooth(raw, window), color=color, label=f"{key} (mean of {window} steps)" if window > 1 else key)
     ax2.set_xlabel("step")
     ax2.set_ylabel("nats per token")
-    ax2.set_title("training loss")
-    ax2.legend(fontsize=8)
+    ax2.set_title("training loss (faint: every step)")
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-
+    return fig

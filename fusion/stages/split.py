@@ -69,10 +69,11 @@ def plan(run: Run) -> dict:
     budget = spec.split.shard_blocks * spec.split.block_tokens * CHARS_PER_TOKEN
     shard_ranges, domains, start, size, n = [], {}, 0, 0, 0
     fraction = spec.corpus.heldout_fraction
-    heldout = train = 0
+    heldout = train = with_text = 0
     for n, (text, domain) in enumerate(read_documents(spec.corpus)):
         domains.setdefault(domain, len(domains))
         size += len(text)
+        with_text += bool(text.strip())
         if is_heldout(n, fraction):
             heldout += 1
         elif text.strip():
@@ -82,8 +83,14 @@ def plan(run: Run) -> dict:
             start, size = n + 1, 0
     else:
         n += 1
+    if with_text == 0:
+        raise FusionError(f"corpus.path: {spec.corpus.path} holds no text (empty corpus)")
     if train == 0:
-        raise FusionError(f"corpus.path: {spec.corpus.path} holds no training text (empty corpus)")
+        raise FusionError(
+            f"corpus.path: {spec.corpus.path}: all {with_text} document(s) with text went to held-out evaluation "
+            f"(corpus.heldout_fraction={fraction:g} draws each document by a hash of its index), none is left to "
+            f"train on; add documents, or lower corpus.heldout_fraction (0 trains on all, leaving eval nothing)"
+        )
     if start < n:
         shard_ranges.append([start, n])
     if len(domains) > 255:

@@ -72,10 +72,17 @@ def run_shard(run: Run, part: str, index: int) -> None:
 
 # ---- setup and the step loop ---------------------------------------------------------------------
 def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
+    """Train this rank from the packed set streamed by its reader (whose threads always stop)."""
+    reader = data.PackedReader.for_run(run, world.rank, world.size)
+    try:
+        train_from(run, world, stop, scratch, reader)
+    finally:
+        reader.close()
+
+
+def train_from(run: Run, world: distributed.World, stop, scratch: Path, reader: data.PackedReader) -> None:
     spec = run.spec.train
-    data.check_packed(run)
-    reader = data.open_reader(run, world.rank, world.size)
-    steps = engine.total_steps(reader.blocks, spec)
+    steps = reader.steps(spec.epochs)
     eng = engine.build(run, world, steps)
     state = checkpoint.load(run, world, eng, reader, scratch)
     board = metrics.open_board(run, world, scratch, state.step)
@@ -88,6 +95,13 @@ def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
             f"(details: {run.store.uri(ENGINE_LOG)})",
             flush=True,
         )
+        if spec.lanes % world.size:
+            print(
+                f"[fusion] train: train.lanes={spec.lanes} is not a multiple of the {world.size} ranks: ranks fetch "
+                f"shards they share with others (set train.lanes to a multiple of the world size for new runs)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     names = [run.target.name] + [s.name for s in run.fused_sources]
     loop = range(state.step, steps)
@@ -115,22 +129,15 @@ def train(run: Run, world: distributed.World, stop, scratch: Path) -> None:
     export(run, eng, state)
 
 
-def train_step(run: Run, eng: engine.Engine, reader, step: int, stop, candidates: int) -> tuple[dict, bool]:
+def train_step(run: Run, eng: engine.Engine, reader: data.PackedReader, step: int, stop, candidates: int) -> tuple[dict, bool]:
     """One optimizer step over the global batch; returns its log entry and whether the ranks
     agreed to stop (SIGTERM on any rank)."""
     from fusion.loss import fusion_loss
 
-    spec, world, layout = run.spec.train, eng.world, eng.layout
-    tokenizer = run.tokenizers[run.target.name]
-    bos = models.context_token_id(run.target, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
-    width = models.logit_width(models.model_config(run.target))
-
-    blocks = [next(reader) for _ in range(layout.per_rank)]
-    batches = [
-        data.collate(blocks[m : m + layout.micro], bos, pad, width, candidates)
-        for m in range(0, len(blocks), layout.micro)
-    ]
+    spec, world = run.spec.train, eng.world
+    batches = reader.step_batches(step)
+    if len(batches) != eng.layout.accumulation:
+        raise RuntimeError(f"the reader made {len(batches)} micro-batches, the engine expects {eng.layout.accumulation}")
     for batch in batches:
         for where in batch.skipped:
             print(f"[fusion] train: skipped {where}: non-finite teacher data", file=sys.stderr, flush=True)
@@ -186,7 +193,7 @@ def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None
             out = Path(tmp)
             eng.module.config.use_cache = True
             eng.module.save_pretrained(out, state_dict=weights)
-            tokenizer.save_pretrained(out)
+            models.save_tokenizer(tokenizer, out, models.context_token_id(run.target, tokenizer))
             (out / "train_log.json").write_text(json.dumps(state.log, indent=0, sort_keys=True) + "\n")
             (out / "README.md").write_text(model_card(run, eng, state))
             attrs = {"steps": len(state.log), "skipped_blocks": state.skipped}

@@ -1,7 +1,9 @@
 """vocab: for each source, a table from source token ids to target token ids (-1: none).
 
-How tokens are matched depends on align.mode (fusion/align): byte-exact then nearest by edit
-distance (default), or the FuseLLM code's string mapping (reference-soft / reference-hard).
+How tokens are matched depends on align.mode (fusion/align/vocab.py): the target token with the
+same bytes, else the longest target token whose bytes begin the source token's (default), or the
+FuseLLM code's string mapping (reference-soft: nearest by edit distance of the token strings;
+reference-hard: the same string only).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def token_view(run: Run, name: str):
 
     key = run.tokenizer_hash(name)
     if key not in _views:
-        _views[key] = build(run.tokenizers[name])
+        _views[key] = build(run.tokenizers[name], name)
     return _views[key]
 
 

@@ -1,10 +1,13 @@
 """The train stage's process world: one plain process, or torchrun's workers.
 
-On Kubernetes, training is a Kubeflow PyTorchJob (Master + Workers, one pod per node). The
-training operator sets in every pod MASTER_ADDR and MASTER_PORT (the master pod's service),
-PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, and WORLD_SIZE / RANK at pod level. Every pod
-runs `fusion train SPEC`, which starts torchrun's agent in its own process (`launch`): the
-agents meet at MASTER_ADDR:MASTER_PORT (c10d rendezvous), each starts PET_NPROC_PER_NODE
+On Kubernetes, training is a Kubeflow PyTorchJob (Master + Workers, one pod per node) or a
+Kubeflow Trainer v2 TrainJob (numNodes node pods of a JobSet). The training operator sets in
+every pod MASTER_ADDR and MASTER_PORT (the master pod's service), PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK, and WORLD_SIZE / RANK at pod level; Trainer v2's torch
+plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT
+(node 0's address in the JobSet's headless Service). Every pod runs `fusion train SPEC`, which
+starts torchrun's agent in its own process (`launch`): the agents meet at MASTER_ADDR:MASTER_PORT,
+or PET_MASTER_ADDR:PET_MASTER_PORT (c10d rendezvous), each starts PET_NPROC_PER_NODE
 workers running `fusion train SPEC` again, now with torchrun's RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT, from which `init` builds the process group (NCCL on GPUs, gloo on
 CPUs). No ssh, no hostfile: nothing but the environment. `launch` returns the exit code of the
@@ -34,7 +37,7 @@ def inside_torchrun() -> bool:
 
 
 def torchrun_args(worker_args: list[str], env: dict | None = None) -> list[str]:
-    """torchrun's arguments for this node, from the PyTorchJob environment (defaults: one node,
+    """torchrun's arguments for this node, from the PyTorchJob or TrainJob environment (defaults: one node,
     one process per GPU or one on CPU, a local rendezvous)."""
     import torch
 
@@ -43,8 +46,11 @@ def torchrun_args(worker_args: list[str], env: dict | None = None) -> list[str]:
     args = [f"--nnodes={env.get('PET_NNODES') or 1}", f"--nproc-per-node={nproc}"]
     if env.get("PET_RDZV_ENDPOINT"):
         pass  # an elastic PyTorchJob: torchrun reads PET_RDZV_BACKEND, _ENDPOINT, _ID itself
-    elif env.get("MASTER_ADDR"):
-        endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or 29500}"
+    elif env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR"):
+        if env.get("MASTER_ADDR"):  # a PyTorchJob
+            endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or 29500}"
+        else:  # a Trainer v2 TrainJob
+            endpoint = f"{env['PET_MASTER_ADDR']}:{env.get('PET_MASTER_PORT') or 29400}"
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=fusion-train"]
     else:
         args += ["--standalone"]

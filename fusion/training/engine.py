@@ -39,10 +39,6 @@ def lr_factor(step: int, total: int, spec: TrainSpec) -> float:
     return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def total_steps(blocks: int, spec: TrainSpec) -> int:
-    return max(1, math.ceil(spec.epochs * blocks / spec.batch_size))
-
-
 @dataclass(frozen=True)
 class Layout:
     per_rank: int  # blocks per rank and optimizer step

@@ -114,8 +114,10 @@ The pod template spec of a stage. Args:
   args       list
   gpus       GPUs per pod (0: none)
   shm        size of the memory-backed /dev/shm ("": none)
+  grace      optional: terminationGracePeriodSeconds (default: the settings')
   env        optional list: the stage's own variables
   restartPolicy  "Never" for Jobs; "" to leave it to the training operator
+  ports      optional list of container ports
   serviceAccountName  optional (default: the stage pods' service account)
 */}}
 {{- define "fusion.podTemplate" -}}
@@ -150,6 +152,17 @@ spec:
   {{- with $s.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
+  {{- with $s.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- $grace := ternary .grace $s.terminationGracePeriodSeconds (hasKey . "grace") }}
+  {{- if not (kindIs "invalid" $grace) }}
+  terminationGracePeriodSeconds: {{ $grace }}
+  {{- end }}
+  {{- with $s.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with $s.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -172,6 +185,10 @@ spec:
       {{- end }}
       args:
         {{- toYaml .args | nindent 8 }}
+      {{- with .ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- if $c.storeVolume.claimName }}
       workingDir: /var/lib/fusion
       {{- end }}
@@ -295,3 +312,24 @@ spec:
 
 {{/* The spec path inside every pod. */}}
 {{- define "fusion.specPath" -}}/etc/fusion/run.yaml{{- end }}
+
+{{/*
+Train pods' grace period: a preempted pod finishes its step and saves a checkpoint
+(fusion/training/checkpoint.py), so torchrun's agent waits step + save for its workers
+(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and the pod gets that plus the agent's own exit, unless
+terminationGracePeriodSeconds is set, which then must cover step + save. Arg: the train settings.
+*/}}
+{{- define "fusion.trainShutdownSeconds" -}}
+{{- add .preemption.stepSeconds .preemption.saveSeconds -}}
+{{- end }}
+
+{{- define "fusion.trainGraceSeconds" -}}
+{{- $shutdown := include "fusion.trainShutdownSeconds" . | int -}}
+{{- if kindIs "invalid" .terminationGracePeriodSeconds -}}
+{{- add $shutdown .preemption.exitSeconds -}}
+{{- else if lt (int .terminationGracePeriodSeconds) $shutdown -}}
+{{- fail (printf "cluster.workloads.train.terminationGracePeriodSeconds=%d is shorter than a step plus a save (preemption.stepSeconds + preemption.saveSeconds = %d): a preempted pod would be killed before its checkpoint is written" (int .terminationGracePeriodSeconds) $shutdown) -}}
+{{- else -}}
+{{- .terminationGracePeriodSeconds -}}
+{{- end -}}
+{{- end }}

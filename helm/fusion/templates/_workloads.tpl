@@ -20,11 +20,22 @@ metadata:
   name: {{ include "fusion.name" . }}
   labels:
     {{- include "fusion.workloadLabels" . | nindent 4 }}
-  {{- if eq .mode "indexed" }}
+  {{- $elastic := and (eq .mode "workers") .root.Values.cluster.kueue.queueName .root.Values.cluster.kueue.elasticJobs }}
+  {{- if or (eq .mode "indexed") $elastic }}
   annotations:
+    {{- if eq .mode "indexed" }}
     fusion.dev/completions-from: split-plan
+    {{- end }}
+    {{- if $elastic }}
+    # Kueue admits a change of parallelism without suspending the Job (workload slices;
+    # Kueue's ElasticJobsViaWorkloadSlices feature gate)
+    kueue.x-k8s.io/elastic-job: "true"
+    {{- end }}
   {{- end }}
 spec:
+  {{- with .settings.activeDeadlineSeconds }}
+  activeDeadlineSeconds: {{ . }}
+  {{- end }}
   {{- if eq .mode "indexed" }}
   completionMode: Indexed
   completions: 1
@@ -111,13 +122,19 @@ spec:
 {{- end }}
 
 {{/*
-Training: a Kubeflow PyTorchJob. Every pod runs `fusion train SPEC`, which starts torchrun's
-agent from the variables the training operator sets (PET_NNODES, PET_NPROC_PER_NODE,
-MASTER_ADDR, MASTER_PORT); the workers initialise DeepSpeed from the torch distributed
-environment (no ssh, no hostfile) and the pod exits with the first failed worker's code
-(3: bad input; 128+: killed), which restartPolicy ExitCode needs (torchrun alone flattens
-them to 1). Not elastic: a Master and `workers` Workers. Elastic: `workers + 1` Workers that
-rendezvous through c10d, between elastic.minReplicas and elastic.maxReplicas nodes.
+Training, on either Kubeflow operator (cluster.workloads.train.operator):
+
+- pytorchjob (default): a kubeflow.org/v1 PyTorchJob (training operator v1.9). Every pod runs
+  `fusion train SPEC`, which starts torchrun's agent from the variables the operator sets
+  (PET_NNODES, PET_NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT); the workers initialise DeepSpeed
+  from the torch distributed environment (no ssh, no hostfile) and the pod exits with the first
+  failed worker's code (3: bad input; 128+: killed), which restartPolicy ExitCode needs (torchrun
+  alone flattens them to 1). Not elastic: a Master and `workers` Workers. Elastic: `workers + 1`
+  Workers that rendezvous through c10d, between elastic.minReplicas and elastic.maxReplicas nodes.
+- trainjob: a trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2) on a torch runtime,
+  `workers + 1` nodes; the same `fusion train SPEC` in every pod, the torchrun agent reading the
+  PET_* variables (PET_MASTER_ADDR, PET_MASTER_PORT among them) the runtime's torch plugin sets.
+
 More than one process needs train.engine=deepspeed: refused here rather than after hours.
 */}}
 {{- define "fusion.workload.train" -}}
@@ -128,9 +145,14 @@ More than one process needs train.engine=deepspeed: refused here rather than aft
 {{- if and (ne $engine "deepspeed") (or (gt (int $s.workers) 0) $s.elastic.enabled (gt (int $perNode) 1)) -}}
 {{- fail (printf "training on %d node(s) x %d process(es) needs train.engine=deepspeed (train.engine=%s trains in one process)" (add $s.workers 1) (int $perNode) $engine) -}}
 {{- end -}}
-{{- $pod := dict "root" . "stage" "train" "part" "" "settings" $s "image" "gpu" "container" "pytorch" "restartPolicy" ""
-    "gpus" $s.gpus "shm" $s.shmSize
-    "args" (list "train" (include "fusion.specPath" .)) -}}
+{{- $pod := include "fusion.trainPodArgs" . | fromYaml -}}
+{{- $_ := set $pod "root" . -}}
+{{- $_ := set $pod "settings" $s -}}
+{{- if eq $s.operator "trainjob" }}
+{{- include "fusion.trainJob" (merge (dict "container" "node" "restartPolicy" "") $pod) }}
+{{- else }}
+{{- $_ := set $pod "container" "pytorch" -}}
+{{- $_ := set $pod "restartPolicy" "" }}
 apiVersion: kubeflow.org/v1
 kind: PyTorchJob
 metadata:
@@ -142,6 +164,9 @@ spec:
   runPolicy:
     backoffLimit: {{ $s.backoffLimit }}
     cleanPodPolicy: None
+    {{- with $s.activeDeadlineSeconds }}
+    activeDeadlineSeconds: {{ . }}
+    {{- end }}
   {{- if $s.elastic.enabled }}
   elasticPolicy:
     rdzvBackend: c10d
@@ -166,6 +191,7 @@ spec:
       template:
         {{- include "fusion.podTemplate" $pod | nindent 8 }}
     {{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Every workload of the run, as one multi-document YAML. */}}

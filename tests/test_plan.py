@@ -1,0 +1,87 @@
+"""`fusion plan`: the figures of a run before it runs, checked against what the stages then do."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fusion import shards
+from fusion.cli import main
+from fusion.config import parse_spec
+from fusion.errors import BAD_INPUT_EXIT_CODE
+from fusion.launch_local import run_part
+from fusion.plan import MEASURED, make_plan
+from fusion.run import Run
+from fusion.stages import split
+from tests.packed import write_packed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows(plan, stage):
+    return {r.part: r for r in plan.rows if r.stage == stage}
+
+
+def test_the_plan_of_a_readable_corpus_matches_what_split_then_makes(micro, tmp_path):
+    spec = parse_spec(micro.spec(tmp_path / "store", **{"split.shard_blocks": 8}))
+    plan = make_plan(spec, throughput={"logits": 1000.0, "train": 500.0})
+    run = Run(spec)
+    run_part(run, "split", "train")
+    made = split.plan(run)
+    assert rows(plan, "split")["train+heldout"].shards == len(made["shards"])
+    blocks = sum(shards.read_record(run.store, "split", "train", i)["rows"] for i in range(len(made["shards"])))
+    assert plan.train["blocks"] == pytest.approx(blocks, rel=0.25)
+    # tokens per model: the plan's, from a sample, against the tokenizers on every training block
+    for name, row in rows(plan, "logits").items():
+        texts = [t for i in range(len(made["shards"])) for t in split.read_blocks(run, "train", i)[0]]
+        real = sum(len(ids) for ids in run.tokenizers[name](texts, add_special_tokens=False)["input_ids"])
+        assert row.tokens == pytest.approx(real, rel=0.15), name
+        assert row.store_bytes == pytest.approx(row.tokens * MEASURED["logits"][0] * spec.logits.top_k / 10, rel=1e-4)
+        assert row.hours == pytest.approx(row.tokens / 1000 / 3600, rel=1e-4)
+    assert "measured on a corpus sample" in plan.inputs["text bytes per token: target"][1]
+    assert rows(plan, "train")["model"].note.startswith(f"{plan.train['steps']:,} steps")
+    assert plan.train["steps"] == math.ceil(plan.train["blocks"] / spec.train.batch_size)
+
+
+def test_a_pilot_store_gives_the_measured_bytes_per_token(micro, tmp_path):
+    pilot = Run(parse_spec(micro.spec(tmp_path / "pilot")))
+    write_packed(pilot, blocks_per_shard=12)
+    status = shards.part_status(pilot.store, "fuse", "train")
+    spec = parse_spec(micro.spec(tmp_path / "big"))
+    plan = make_plan(spec, tokens=1e6, pilot=str(tmp_path / "pilot"))
+    assert plan.inputs["stored bytes per token: fuse"][0] == round(status.stored_bytes / status.rows, 2)
+    fuse_row = rows(plan, "fuse")["train"]
+    assert fuse_row.store_bytes == pytest.approx(fuse_row.tokens * status.stored_bytes / status.rows)
+    assert plan.inputs["stored bytes per token: logits"][1].startswith("bench/bench_bytes.py")
+
+
+def test_paper_scale_plan_from_given_figures(capsys):
+    code = main([
+        "plan", str(REPO / "jobs/fusellm-minipile.yaml"), "--tokens", "1.4e9", "--documents", "1000000",
+        "--gpus", "16", "--target-params", "6.74e9", "--throughput", "logits=11000", "--throughput", "train=2200",
+        "--json",
+    ])
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    stages = {(s["stage"], s["part"]): s for s in plan["stages"]}
+    assert {p for s, p in stages if s == "logits"} == {"llama-2-7b", "openllama-7b", "mpt-7b"}
+    target = stages[("logits", "llama-2-7b")]
+    assert target["tokens"] == 1_400_000_000 and target["store_bytes"] == pytest.approx(1.4e9 * MEASURED["logits"][0])
+    assert target["hours"] == pytest.approx(1.4e9 / 11000 / 3600)
+    assert stages[("train", "model")]["hours"] == pytest.approx(1.4e9 / 2200 / 3600)
+    assert plan["train"]["steps"] == math.ceil(plan["train"]["blocks"] / 128)
+    assert plan["train"]["lanes_divisible_by_processes"] and plan["train"]["reader_shards_per_rank"] == 16
+    assert plan["total"]["gpu_hours"] == pytest.approx(3 * 1.4e9 / 11000 / 3600 + 1.4e9 / 2200 / 3600)
+    assert np.isclose(plan["total"]["store_bytes"], sum(s["store_bytes"] for s in plan["stages"]))
+
+
+def test_bad_input(capsys, tmp_path):
+    spec = str(REPO / "jobs/fusellm-minipile.yaml")
+    assert main(["plan", spec]) == BAD_INPUT_EXIT_CODE
+    assert "corpus.path /data/minipile is not readable here; give its size with --tokens" in capsys.readouterr().err
+    assert main(["plan", spec, "--tokens", "1e9", "--throughput", "logits=fast"]) == BAD_INPUT_EXIT_CODE
+    assert "--throughput 'logits=fast': expected STAGE=TOKENS_PER_S" in capsys.readouterr().err
