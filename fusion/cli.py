@@ -177,6 +177,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    from fusion import ownership
     from fusion.launch_local import prepare, run_part, shard_done
     from fusion.stages import STAGES
 
@@ -190,6 +191,8 @@ def cmd_stage(args) -> int:
             raise FusionError(f"stage {args.stage} has no part {part!r} (parts: {', '.join(module.parts(run))})")
     if args.stage == "split":
         prepare(run)
+    else:
+        ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
     if shard is not None:
         shard = shard_in_range(run, args.stage, parts, shard, "--shard" if args.shard is not None else "$JOB_COMPLETION_INDEX")
@@ -229,11 +232,13 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from fusion import ownership
     from fusion.launch_local import shard_done
     from fusion.stages import train
     from fusion.training import distributed
 
     run = _run(args.spec, args.store, args.set)
+    ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     if shard_done(run, train.NAME, train.PART, 0):
         return 0
     if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():

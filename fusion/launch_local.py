@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fusion import shards
+from fusion import ownership, shards
 from fusion.progress import bar
 from fusion.run import Run
 from fusion.stages import STAGES, split
@@ -37,6 +37,7 @@ def run_part(run: Run, stage: str, part: str) -> None:
 def prepare(run: Run) -> None:
     """Everything cheap that can reject bad input, before any expensive work."""
     run.preflight()
+    ownership.claim(run)  # another run's store, or changed settings, is refused here
     split.plan(run)  # reads every document: empty or non-UTF-8 corpora fail here
     run.write_record()
 
@@ -44,9 +45,11 @@ def prepare(run: Run) -> None:
 def redo(run: Run, stage: str) -> None:
     """Delete the outputs of `stage` and of every later stage (checkpoints included), so they
     are computed again."""
+    ownership.claim(run, redo=stage)  # only this run's store, and only if earlier outputs stay valid
     names = list(STAGES)
     for name in names[names.index(stage) :]:
         run.store.remove(name)
+    ownership.adopt(run)
 
 
 def run_all(run: Run, stages: list[str] | None = None, progress=None) -> dict[str, float]:

@@ -2,10 +2,10 @@
 
     run.json  {"owner": {"run": "tiny", "run_id": "local", "spec_hash": "3f2a..."}, "spec": ..., "outputs": ...}
 
-The owner is the run id plus the spec hash. The run id is the Helm release on Kubernetes (the
-chart sets FUSION_RUN_ID to it), else $FUSION_RUN_ID, else "local". The spec hash covers the
-whole spec except how the store is reached (`store`, `store_options`): two routes to the same
-store are the same run.
+The owner (Run.owner) is the run's name, its run id and its spec hash. The run id is the Helm
+release on Kubernetes (the chart sets FUSION_RUN_ID to it), else $FUSION_RUN_ID, else "local".
+The spec hash covers the whole spec except how the store is reached (`store`,
+`store_options`): two routes to the same store are the same run.
 
 The first process of a run creates run.json exclusively (create-if-absent), before any work.
 Every later process of the run compares:
@@ -22,41 +22,19 @@ Every later process of the run compares:
 
 from __future__ import annotations
 
-import os
-
-from fusion.config import fingerprint
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD, Run
-
-RUN_ID_ENV = "FUSION_RUN_ID"
-LOCAL = "local"
-
-
-def run_id() -> str:
-    return os.environ.get(RUN_ID_ENV) or LOCAL
-
-
-def spec_hash(run: Run) -> str:
-    """The run's identity hash: its spec without how the store is reached."""
-    spec = run.spec.model_dump(mode="json", by_alias=True)
-    spec.pop("store", None)
-    spec.pop("store_options", None)
-    return fingerprint(spec)
-
-
-def owner(run: Run) -> dict:
-    return {"run": run.spec.name, "run_id": run_id(), "spec_hash": spec_hash(run)}
+from fusion.run import LOCAL_RUN_ID, RUN_RECORD, Run
 
 
 def describe(o: dict) -> str:
-    where = "run locally" if o.get("run_id") == LOCAL else f"release {o.get('run_id')}"
+    where = "run locally" if o.get("run_id") == LOCAL_RUN_ID else f"release {o.get('run_id')}"
     return f"run '{o.get('run')}' ({where}, spec hash {o.get('spec_hash')})"
 
 
 def claim(run: Run, redo: str | None = None) -> None:
     """Make sure this run owns its store, before any work (see the module docstring). `redo`
     is the stage a `--redo` will compute again, from which on changed outputs are allowed."""
-    mine = owner(run)
+    mine = run.owner()
     if run.store.create(RUN_RECORD, _initial_record(run, mine)):
         return
     record = run.store.read_json(RUN_RECORD) or {}
@@ -73,21 +51,27 @@ def claim(run: Run, redo: str | None = None) -> None:
     if redo is not None and _order(redo) <= _order(first):
         return
     where = run.store.uri(RUN_RECORD)
-    if mine["run_id"] != LOCAL:
+    if mine["run_id"] != LOCAL_RUN_ID:
         raise FusionError(
             f"{where}: the run spec of release {mine['run_id']} changed mid-run (spec hash {theirs.get('spec_hash')} -> "
-            f"{mine['spec_hash']}; it would change {', '.join(changed)}): refused, nothing was started with it. "
+            f"{mine['spec_hash']}; it changes the config hash of {_some(changed)}): refused, nothing was started with it. "
             "Restore the previous values, or install the changed run under another store prefix"
         )
     if redo is not None:
         raise FusionError(
-            f"{where}: --redo {redo} keeps {', '.join(o for o in changed if _order(o) < _order(redo))}, whose settings "
+            f"{where}: --redo {redo} keeps {_some([o for o in changed if _order(o) < _order(redo)])}, whose settings "
             f"changed: run with --redo {first}"
         )
     raise FusionError(
-        f"{where} holds {describe(theirs)}; this spec (hash {mine['spec_hash']}) would change {', '.join(changed)}: "
-        f"run with --redo {first} to compute them again, or use another store"
+        f"{where} holds {describe(theirs)}; this spec (hash {mine['spec_hash']}) changes the config hash of "
+        f"{_some(changed)}: run with --redo {first} to compute them again, or use another store"
     )
+
+
+def adopt(run: Run) -> None:
+    """After `claim(run, redo=...)` allowed a changed spec: run.json names it from now on (its
+    outputs follow once the split is planned again)."""
+    run.store.write_bytes(RUN_RECORD, _initial_record(run, run.owner()))
 
 
 def check(run: Run) -> None:
@@ -97,7 +81,7 @@ def check(run: Run) -> None:
     record = run.store.read_json(RUN_RECORD)
     if not record or "owner" not in record:
         return
-    mine, theirs = owner(run), record["owner"]
+    mine, theirs = run.owner(), record["owner"]
     refuse_other_run(run, theirs, mine)
     if theirs.get("spec_hash") != mine["spec_hash"] and changed_outputs(run, record.get("outputs") or {}):
         raise FusionError(
@@ -144,3 +128,8 @@ def _order_key(output: str) -> tuple[int, str]:
 
 def _first_stage(outputs: list[str]) -> str:
     return min(outputs, key=_order_key).split("/", 1)[0]
+
+
+def _some(outputs: list[str], most: int = 4) -> str:
+    more = len(outputs) - most
+    return ", ".join(outputs[:most]) + (f" and {more} more" if more > 0 else "")

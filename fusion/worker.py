@@ -22,7 +22,7 @@ import random
 import socket
 import time
 
-from fusion import leases, shards
+from fusion import leases, ownership, shards
 from fusion.errors import FusionError
 from fusion.run import Run
 from fusion.stages import STAGES
@@ -70,6 +70,8 @@ def run_worker(
         from fusion.launch_local import prepare
 
         prepare(run)  # the plan is created once, whoever comes first
+    else:
+        ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     done = {"computed": 0, "committed": 0}
     for part in parts:
         check_inputs(run, stage, part)
