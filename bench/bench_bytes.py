@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import realtext  # noqa: E402
 
-from fusion import shards  # noqa: E402
+from fusion import scoring, shards  # noqa: E402
 from fusion.config import parse_spec  # noqa: E402
 from fusion.launch_local import run_all  # noqa: E402
+from fusion.pipeline import open_run  # noqa: E402
 from fusion.run import Run  # noqa: E402
 
 SOURCES = ["src-neox", "src-gpt2", "src-openllama"]
@@ -56,7 +57,7 @@ def padding_share(run: Run, part: str) -> float:
     real = padded = 0
     for i in range(logits.shard_count(run, part)):
         lengths = np.diff(logits.read(run, part, i, ["seq_ptr"])["seq_ptr"]).tolist()
-        for batch in logits.length_batches(lengths, run.spec.logits.batch_tokens):
+        for batch in scoring.length_batches(lengths, run.spec.logits.batch_tokens):
             real += sum(lengths[j] + 1 for j in batch)
             padded += (max(lengths[j] for j in batch) + 1) * len(batch)
     return round(1 - real / padded, 4)
@@ -82,7 +83,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     corpus = realtext.write_corpus(root / "corpus.jsonl", args.chars)
     spec = realtext.spec(str(root / "run"), corpus, SOURCES, top_k=args.top_k)
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     run_all(run, ["split", "vocab", "logits", "align", "fuse"])
 
     report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars, "logits": {}, "align": {}, "fuse": {}}
@@ -104,7 +105,7 @@ def main() -> None:
     stories = realtext.ASSETS / "model-stories260K-llama" / "hf"
     check = realtext.spec(str(root / "stories"), corpus, ["src-neox"], block_tokens=500, top_k=args.top_k)
     check["models"]["target"] = {"name": "stories", "path": str(stories)}
-    check_run = Run(parse_spec(check))
+    check_run = open_run(parse_spec(check))
     run_all(check_run, ["split", "logits"])
     report["logits_stories260K"] = measure(check_run, "logits", "stories")
     print(json.dumps(report, indent=1))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fusion import shards  # noqa: E402
+from fusion import scoring, shards  # noqa: E402
 from fusion.stages import logits  # noqa: E402
 from fusion.store import Store  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     model = model_with_vocab(args.vocab)
     blocks = real_blocks(args.vocab)
-    scorer = logits.TopK(model, K, "cpu")
+    scorer = scoring.TopK(model, K, "cpu")
     inputs = torch.tensor([[1] + b for b in blocks])
     mask = torch.ones_like(inputs)
     real = mask[:, 1:].bool()

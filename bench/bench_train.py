@@ -60,7 +60,7 @@ def build(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     world = World(0, 1, 0, "cpu", False)
-    eng = engine.Engine("torch", model, optimizer, scheduler, world, engine.batch_layout(spec, 1), "fp32", spec, 10**6)
+    eng = engine.TorchEngine(model, optimizer, scheduler, world, engine.batch_layout(spec, 1), "fp32", spec, 10**6)
 
     rng = np.random.default_rng(0)
     n, k, blocks = args.seq, args.top_k, args.batch * 2
@@ -89,7 +89,7 @@ def step(eng, blocks, kind: str, vocab: int) -> None:
     from fusion.training import data, engine
 
     batch = SimpleNamespace(**data.collate(blocks, bos=1, pad=0, width=vocab, candidates=3))
-    logits = engine.forward(eng, batch)
+    logits = eng.forward(batch)
     if kind == "fusion":
         teacher = (batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail)
         out = fusion_loss(logits, batch.labels, *teacher, lam=0.9, reduction="sum")
@@ -97,8 +97,8 @@ def step(eng, blocks, kind: str, vocab: int) -> None:
     else:
         flat = logits.float().reshape(-1, vocab)
         loss = torch.nn.functional.cross_entropy(flat, batch.labels.reshape(-1), ignore_index=-100)
-    engine.backward(eng, loss, last=True)
-    engine.step(eng)
+    eng.backward(loss, last=True)
+    eng.step()
 
 
 def resident_mb(field: str = "VmRSS") -> float:

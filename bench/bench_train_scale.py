@@ -90,7 +90,7 @@ def child(spec_path: str, times_path: str) -> None:
     import torch
 
     from fusion.config import load_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
     from fusion.stages import train
 
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def child(spec_path: str, times_path: str) -> None:
         return out
 
     train.train_step = step
-    train.run_shard(Run(load_spec(spec_path)), train.PART, 0)
+    train.run_shard(open_run(load_spec(spec_path)), train.PART, 0)
     Path(times_path).write_text(json.dumps(times))
 
 
@@ -158,7 +158,7 @@ def main() -> None:
 
     from fusion import tiny
     from fusion.config import parse_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
     from tests.micro import build_micro
     from tests.s3 import start_moto
 
@@ -188,7 +188,7 @@ def main() -> None:
             spec = micro.spec(url, **overrides)
             if where == "s3":
                 spec["store_options"] = {"endpoint_url": endpoint}
-            stored[size] = write_packed_set(Run(parse_spec(spec)), count, args.blocks, args.block_tokens)
+            stored[size] = write_packed_set(open_run(parse_spec(spec)), count, args.blocks, args.block_tokens)
             specs[where, size] = spec
     runs: dict[tuple[str, int], list[dict]] = {key: [] for key in specs}
     for r in range(args.rounds):  # interleaved rounds: machine noise spreads over every configuration

@@ -2,6 +2,8 @@
 
     python bench/replicate.py                  # everything, 42 minutes on 2 idle cores
     python bench/replicate.py --quick          # a smoke run of the same code (minutes)
+    python bench/replicate.py --methods mince,upscale-mince   # only these trained methods (and CLM);
+                                               # the report goes to replication[-quick]-subset.*
 
 Three English domains: State of the Union addresses (prose), the Python 3.11 documentation
 (technical prose with code), both from ../shared/assets, and this Python's standard-library
@@ -34,9 +36,15 @@ under every method, through the pipeline (`fusion.launch_local.run_all`):
     mince-lambda0.5    MinCE with lambda = 0.5 instead of the paper's 0.9
     mince-experts      the three experts fused instead (they share the target's tokenizer)
 
-and compared with what needs no training: the target before, every source and expert alone,
-linear and TIES merges of the experts, and probability ensembles of the experts (one
+    upscale-clm        the target depth-up-scaled first (SOLAR, models.target.init.upscale, drop
+    upscale-mince      0: 4 layers), then CLM only / FuseLLM MinCE with the three sources
+
+and compared with what needs no training: the target before (and up-scaled), every source and
+expert alone, mergekit merges of the experts (fusion/merge.py: linear, TIES, DARE-TIES, SLERP,
+model stock, SCE), Mixtral-style mixtures of the experts (fusion/moe.py: routers from hidden
+states, and the same routers briefly trained), and probability ensembles of the experts (one
 vocabulary, exact) and of the heterogeneous sources (through the alignment, fusion/ensemble.py).
+Crowd voting is a generation method, without bits per byte: bench/bench_vote.py measures it.
 
 All variants share the upstream work: one store holds split, vocab, logits and align for all
 six sources; each variant's store links those folders and computes only fuse and train (the
@@ -93,10 +101,14 @@ class Scale:
     seeds: tuple[int, ...] = (1, 2, 3)
     top_k: int = 10  # entries per stored distribution, as in the paper
     ensemble_top_k: int = 64  # entries per aligned row in the cross-vocabulary ensemble
+    upscale_drop: int = 0  # depth up-scaling of the 2-layer target: 2 (n - m) = 4 layers
+    moe_prompts: int = 8  # pieces of each expert's domain whose hidden states set its router
+    moe_prompt_chars: int = 400
+    gate_steps: int = 40  # router training of the trained-gates mixture, on the continual mix
 
 
 QUICK = Scale(source_steps=30, target_steps=20, expert_steps=20, pool_chars=200_000, target_chars=30_000,
-              mix_chars=12_000, heldout_chars=6_000, seeds=(1, 2))
+              mix_chars=12_000, heldout_chars=6_000, seeds=(1, 2), gate_steps=10)
 
 
 @dataclass(frozen=True)
@@ -122,8 +134,15 @@ RECIPES = {
 SOURCES = ["src-sotu", "src-docs", "src-code"]
 EXPERTS = ["exp-sotu", "exp-docs", "exp-code"]
 
-# method -> (alignment mode, which names its upstream store; spec overrides); every trained
-# method runs once per seed
+# upstream store -> the spec overrides that make it (split, vocab, logits, align computed there)
+UPSTREAMS = {
+    "default": {},
+    "reference-soft": {"align.mode": "reference-soft"},
+    "reference-hard": {"align.mode": "reference-hard"},
+    "upscale": {"models.target.init": {"upscale": {"drop": Scale.upscale_drop}}},  # SOLAR: the target up-scaled
+}
+
+# method -> (upstream store, spec overrides); every trained method runs once per seed
 METHODS = {
     "clm": ("default", {"train.lambda": 1.0}),
     **{f"distill-{d}": ("default", {"fuse.sources": [f"src-{d}"]}) for d in DOMAINS},
@@ -136,6 +155,8 @@ METHODS = {
     "mince-renormalize": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince", "train.tail": "renormalize"}),
     "mince-lambda0.5": ("default", {"fuse.sources": SOURCES, "fuse.function": "mince", "train.lambda": 0.5}),
     "mince-experts": ("default", {"fuse.sources": EXPERTS, "fuse.function": "mince"}),
+    "upscale-clm": ("upscale", {"train.lambda": 1.0}),
+    "upscale-mince": ("upscale", {"fuse.sources": SOURCES, "fuse.function": "mince"}),
 }
 
 
@@ -300,9 +321,9 @@ def with_overrides(spec: dict, overrides: dict) -> dict:
 
 def make_run(spec: dict, tokenizers: dict | None = None):
     from fusion.config import parse_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     if tokenizers is not None:
         run.__dict__["tokenizers"] = tokenizers  # Run.tokenizers is a cached_property: load them once
     return run
@@ -311,24 +332,34 @@ def make_run(spec: dict, tokenizers: dict | None = None):
 def link_upstream(store: Path, upstream: Path, stages: list[str]) -> None:
     """A store that shares `stages` of another by symbolic links (their records carry the config
     hashes, so a mismatch is an error, never silent reuse)."""
-    store.mkdir(parents=True, exist_ok=True)
-    for stage in stages:
+    for stage in stages:  # a stage folder, or one part of it ("logits/src-code")
         link = store / stage
+        link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
-            link.symlink_to(os.path.relpath(upstream / stage, store))
+            link.symlink_to(os.path.relpath(upstream / stage, link.parent))
 
 
-def upstream(spec: dict, out: Path, tokenizers: dict) -> None:
+def upstream(spec: dict, out: Path, tokenizers: dict, needed: set[str]) -> None:
     """split, vocab, logits, align for all sources (default mode), then vocab and align in
-    each reference mode in a store of its own that links split and logits."""
+    each reference mode in a store of its own that links split and logits; and for the
+    up-scaled target a store that links split, vocab and the sources' logits and computes the
+    new target's logits and the alignments onto them."""
     from fusion.launch_local import run_all
 
+    default = out / "stores" / "default"
     run_all(make_run(spec, tokenizers), ["split", "vocab", "logits", "align"])
-    for mode in ("reference-soft", "reference-hard"):
-        ref = out / "stores" / mode
-        link_upstream(ref, out / "stores" / "default", ["split", "logits"])
-        run_all(make_run(with_overrides(spec, {"store": str(ref), "align.mode": mode}), tokenizers),
+    for where in [w for w in ("reference-soft", "reference-hard") if w in needed]:
+        ref = out / "stores" / where
+        link_upstream(ref, default, ["split", "logits"])
+        run_all(make_run(with_overrides(spec, {"store": str(ref), **UPSTREAMS[where]}), tokenizers),
                 ["split", "vocab", "logits", "align"])
+    if "upscale" not in needed:
+        return
+    up = out / "stores" / "upscale"
+    link_upstream(up, default, ["split", "vocab"])
+    link_upstream(up, default, [f"logits/{name}" for name in SOURCES + EXPERTS])
+    run_all(make_run(with_overrides(spec, {"store": str(up), **UPSTREAMS["upscale"]}), tokenizers),
+            ["split", "vocab", "logits", "align"])
 
 
 def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dict) -> Path:
@@ -339,8 +370,7 @@ def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dic
     where, overrides = METHODS[method]
     store = out / "stores" / "variants" / f"{method}-s{seed}"
     link_upstream(store, out / "stores" / where, ["split", "vocab", "logits", "align"])
-    variant = with_overrides(spec, {**overrides, "store": str(store), "train.seed": seed,
-                                    "align.mode": where})
+    variant = with_overrides(spec, {**UPSTREAMS[where], **overrides, "store": str(store), "train.seed": seed})
     run = make_run(variant, tokenizers)
     run_all(run, ["fuse", "train"])
     return train.model_folder(run, store / "scratch")
@@ -377,16 +407,70 @@ def evaluate(folders: list[Path], blocks: dict[str, list[str]], scale: Scale, ca
     return result
 
 
+def merge_configs(models: dict[str, Path], out: Path) -> dict[str, list[dict]]:
+    """method -> the mergekit configurations that make it, in order (SLERP takes two models at
+    a time: the third expert joins the first two's midpoint at t = 1/3, so each weighs 1/3)."""
+    experts = [str(models[n]) for n in EXPERTS]
+    base = str(models["target"])
+
+    def of(method: str, params: dict | None = None, **extra) -> dict:
+        return {"merge_method": method, "dtype": "float32", **extra,
+                "models": [{"model": m, **({"parameters": params} if params else {})} for m in experts]}
+
+    pair = str(out / "models" / "merge-slerp-pair")
+    return {
+        "merge-linear": [of("linear", {"weight": 1.0})],
+        "merge-ties": [of("ties", {"weight": 1.0, "density": 0.2}, base_model=base)],
+        "merge-dare-ties": [of("dare_ties", {"weight": 1.0, "density": 0.5}, base_model=base)],
+        "merge-slerp": [
+            {"merge_method": "slerp", "dtype": "float32", "base_model": experts[0], "parameters": {"t": 0.5},
+             "models": [{"model": experts[0]}, {"model": experts[1]}], "out": pair},
+            {"merge_method": "slerp", "dtype": "float32", "base_model": pair, "parameters": {"t": 1 / 3},
+             "models": [{"model": pair}, {"model": experts[2]}]},
+        ],
+        "merge-model-stock": [of("model_stock", base_model=base)],
+        "merge-sce": [of("sce", {"weight": 1.0}, base_model=base, parameters={"select_topk": 0.2})],
+    }
+
+
 def merges(models: dict[str, Path], out: Path) -> dict[str, Path]:
-    from fusion.merging import merge_folders
+    """Every merge of the experts through mergekit (fusion.merge), made once per expert set."""
+    from fusion.merge import merge_models
 
     folders = {}
-    experts = [models[n] for n in EXPERTS]
-    for method, kwargs in {"merge-linear": {}, "merge-ties": {"base": models["target"], "density": 0.2}}.items():
+    for method, steps in merge_configs(models, out).items():
         folder = out / "models" / method
-        key = hashlib.sha256(b"".join((f / "recipe.json").read_bytes() for f in experts)).hexdigest() + repr(kwargs)
+        key = hashlib.sha256(b"".join((models[n] / "recipe.json").read_bytes() for n in EXPERTS)).hexdigest()
+        key += json.dumps(steps, sort_keys=True)
         if not (folder / "key.txt").exists() or (folder / "key.txt").read_text() != key:
-            merge_folders(experts, folder, method.removeprefix("merge-"), **kwargs)
+            for step in steps:
+                config = {k: v for k, v in step.items() if k != "out"}
+                merge_models(config, step.get("out", folder), seed=0)
+            (folder / "key.txt").write_text(key)
+        folders[method] = folder
+    return folders
+
+
+def mixtures(models: dict[str, Path], data: dict, scale: Scale, out: Path) -> dict[str, Path]:
+    """Mixtral-style mixtures of the experts (fusion.moe) on the target's attention: routers from
+    hidden states of pieces of each expert's pretraining domain, then also briefly trained."""
+    from fusion.moe import build_moe
+
+    mix_text = out / "data" / "mix.txt"
+    mix_text.write_text("\n\n".join(p for d in DOMAINS for p in data[d]["mix"]))
+    config = {"base_model": str(models["target"]), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
+              "experts": [{"source_model": str(models[f"exp-{d}"]),
+                           "positive_prompts": [p[: scale.moe_prompt_chars] for p in data[d]["pool"][: scale.moe_prompts]]}
+                          for d in DOMAINS]}
+    trained = {**config, "train_gates": {"text": [str(mix_text)], "steps": scale.gate_steps, "lr": 1e-3,
+                                         "batch": scale.batch}}
+    folders = {}
+    for method, cfg in {"moe-hidden": config, "moe-trained": trained}.items():
+        folder = out / "models" / method
+        key = hashlib.sha256(b"".join((models[n] / "recipe.json").read_bytes() for n in ["target", *EXPERTS])).hexdigest()
+        key += json.dumps(cfg, sort_keys=True)
+        if not (folder / "key.txt").exists() or (folder / "key.txt").read_text() != key:
+            build_moe(cfg, folder)
             (folder / "key.txt").write_text(key)
         folders[method] = folder
     return folders
@@ -406,10 +490,19 @@ GROUPS = [  # (method, kind, description), in the report's order
     ("mince-renormalize", "trained", "FuseLLM, MinCE, default alignment, teacher tail renormalised away"),
     ("mince-lambda0.5", "trained", "FuseLLM, MinCE, 3 heterogeneous sources, lambda = 0.5"),
     ("mince-experts", "trained", "FuseLLM, MinCE, the 3 experts (same tokenizer as the target)"),
+    ("upscale-clm", "trained", "the target depth-up-scaled (SOLAR, drop 0: 4 layers), then CLM only"),
+    ("upscale-mince", "trained", "the target depth-up-scaled (SOLAR, drop 0: 4 layers), then FuseLLM MinCE, 3 sources"),
+    ("target-upscaled", "model", "the depth-up-scaled target before training (its 2 layers stacked twice)"),
     *[(n, "model", f"source alone ({RECIPES[n].architecture}, {RECIPES[n].tokenizer})") for n in SOURCES],
     *[(n, "model", "expert alone (the target fine-tuned on one domain)") for n in EXPERTS],
-    ("merge-linear", "merge", "linear merge (uniform average) of the 3 experts"),
-    ("merge-ties", "merge", "TIES merge of the 3 experts (density 0.2, scale 1)"),
+    ("merge-linear", "merge", "mergekit linear merge (uniform average) of the 3 experts"),
+    ("merge-ties", "merge", "mergekit TIES merge of the 3 experts on the target (density 0.2, weights 1)"),
+    ("merge-dare-ties", "merge", "mergekit DARE-TIES merge of the 3 experts on the target (density 0.5, weights 1)"),
+    ("merge-slerp", "merge", "mergekit SLERP of the 3 experts, pairwise: slerp(slerp(sotu, docs, 1/2), code, 1/3)"),
+    ("merge-model-stock", "merge", "mergekit model stock of the 3 experts on the target"),
+    ("merge-sce", "merge", "mergekit SCE merge of the 3 experts on the target (select_topk 0.2)"),
+    ("moe-hidden", "moe", "Mixtral of the 3 experts' MLPs on the target's attention, top-2 routers from hidden states"),
+    ("moe-trained", "moe", "the same mixture, routers then trained on the continual mix (all else frozen)"),
     ("ensemble-experts", "ensemble", "probability ensemble of the 3 experts (one vocabulary, exact)"),
     ("ensemble-sources", "ensemble", "probability ensemble of the 3 sources on src-docs tokens (aligned, top-64)"),
 ]
@@ -472,7 +565,7 @@ def plot(recs: list[dict], path: Path, title: str) -> None:
     by = {(r["method"], r["domain"]): r for r in recs}
     methods = [m for m, _, _ in GROUPS if (m, "mean") in by]
     trained = [m for m in methods if "delta_vs_clm" in by[(m, "mean")]]
-    colours = {"model": "#999999", "trained": "#1f77b4", "merge": "#2ca02c", "ensemble": "#d62728"}
+    colours = {"model": "#999999", "trained": "#1f77b4", "merge": "#2ca02c", "ensemble": "#d62728", "moe": "#9467bd"}
     fig, axes = plt.subplots(2, 4, figsize=(18, 10), gridspec_kw={"height_ratios": [len(methods), len(trained) + 2]})
     for col, domain in enumerate((*DOMAINS, "mean")):
         ax = axes[0, col]
@@ -524,14 +617,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "replicate"), help="work folder: data, models, stores")
     parser.add_argument("--report", default=str(REPO / "bench" / "results"), help="where the report files go")
     parser.add_argument("--quick", action="store_true", help="a smoke run at a tiny scale (work folder <out>-quick)")
+    parser.add_argument("--methods", help="comma-separated trained methods to run (default: all; clm always runs)")
     args = parser.parse_args(argv)
     if not ASSETS.is_dir():
         print(f"replicate: {ASSETS} is not present; this experiment needs the shared assets", file=sys.stderr)
         return 2
+    methods = list(METHODS)
+    if args.methods:
+        methods = ["clm", *[m.strip() for m in args.methods.split(",") if m.strip() != "clm"]]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+        stem_suffix = "-subset"
+    else:
+        stem_suffix = ""
     scale = QUICK if args.quick else Scale()
     out = Path(args.out + ("-quick" if args.quick else "")).resolve()
+    os.environ["FUSION_CACHE_DIR"] = str(out / "cache")  # derived models (the up-scaled target) stay in the work folder
     report_dir = Path(args.report)
-    stem = "replication-quick" if args.quick else "replication"
+    stem = ("replication-quick" if args.quick else "replication") + stem_suffix  # a subset never replaces the whole
     started, cpu0, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()
     phases: dict[str, dict] = {}
 
@@ -561,13 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = base_spec(scale, out, models)
     tokenizers = make_run(spec).tokenizers
     with phase("upstream: split, vocab, logits, align (default and reference)"):
-        upstream(spec, out, tokenizers)
+        upstream(spec, out, tokenizers, {METHODS[m][0] for m in methods})
 
     blocks = heldout_blocks(data, scale, list(tokenizers.values()))
     cache = out / "eval-cache"
     values: dict[str, list[dict]] = {}
     with phase("continual training (fuse, train) and evaluation"):
-        for method in METHODS:
+        for method in methods:
             for seed in scale.seeds:
                 t = time.perf_counter()
                 folder = train_variant(spec, out, method, seed, tokenizers)
@@ -578,8 +682,12 @@ def main(argv: list[str] | None = None) -> int:
     with phase("baselines: models alone, merges, ensembles"):
         for name in ["target", *SOURCES, *EXPERTS]:
             values[name] = [evaluate([models[name]], blocks, scale, cache)]
-        for method, folder in merges(models, out).items():
+        for method, folder in {**merges(models, out), **mixtures(models, data, scale, out)}.items():
             values[method] = [evaluate([folder], blocks, scale, cache)]
+        upscaled = make_run(with_overrides(spec, UPSTREAMS["upscale"]), tokenizers).target
+        from fusion.models import model_dir
+
+        values["target-upscaled"] = [evaluate([model_dir(upscaled)], blocks, scale, cache)]
         values["ensemble-experts"] = [evaluate([models[n] for n in EXPERTS], blocks, scale, cache)]
         order = ["src-docs", "src-sotu", "src-code"]  # the base first: Llama-2 tokens, like the target's family
         values["ensemble-sources"] = [evaluate([models[n] for n in order], blocks, scale, cache)]
@@ -589,11 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     heldout_bytes = {d: sum(len(b.encode("utf-8")) for b in blocks[d]) for d in DOMAINS}
     report = {
         "experiment": "FuseLLM replication at toy scale; see bench/REPLICATION.md",
-        "command": "python bench/replicate.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/replicate.py" + (" --quick" if args.quick else "") + (f" --methods {args.methods}" if args.methods else ""),
         "scale": asdict(scale),
         "models": {n: {"architecture": r.architecture, "tokenizer": r.tokenizer, "trained_on": list(r.domains),
                        "init": r.init, "steps": getattr(scale, r.steps)} for n, r in RECIPES.items()},
-        "methods": {m: {"align_mode": w, "overrides": o} for m, (w, o) in METHODS.items()},
+        "methods": {m: {"upstream": w, "overrides": o} for m, (w, o) in METHODS.items() if m in methods},
         "data": {"mix_pieces": {d: len(data[d]["mix"]) for d in DOMAINS}, "mix_blocks": mix_blocks(spec),
                  "heldout_blocks": {d: len(b) for d, b in blocks.items()}, "heldout_bytes": heldout_bytes,
                  "python": sys.version.split()[0]},

@@ -107,13 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         "checker (exit 1 if a sequence differs)",
     )
     p.add_argument("--fixture", required=True, metavar="DIR", help="folder in the alignment-fixture format")
-    p.add_argument("--mode", required=True, choices=["hard", "soft"])
+    p.add_argument("--mode", required=True, choices=["reference-hard", "reference-soft", "hard", "soft"],
+                   help="align.mode (hard, soft: the same, short)")
     p.add_argument("--out", metavar="FILE.npz", help="also keep the candidate .npz here (default: a temporary file)")
     p.add_argument("--no-check", action="store_true", help="only write the candidate (needs --out)")
 
     from fusion import ensemble  # light at import time: torch loads only when a command runs
 
     ensemble.add_cli(sub)
+    from fusion import merge
+
+    merge.add_cli(sub)
+    from fusion import moe
+
+    moe.add_cli(sub)
+    from fusion import vote
+
+    vote.add_cli(sub)
     return parser
 
 
@@ -149,14 +159,14 @@ def version() -> str:
 
 def _run(spec_path: str, store: str | None, overrides: list[str]):
     from fusion.config import load_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    return Run(load_spec(spec_path, overrides), store)
+    return open_run(load_spec(spec_path, overrides), store)
 
 
 def cmd_run(args) -> int:
     from fusion.launch_local import redo, run_all
-    from fusion.stages import STAGES
+    from fusion.pipeline import STAGES, stage
     from fusion.summary import Progress
 
     run = _run(args.spec, args.store, args.set)
@@ -169,7 +179,7 @@ def cmd_run(args) -> int:
     if args.redo:
         if args.redo not in STAGES:
             raise FusionError(f"--redo: unknown stage {args.redo!r} (known: {', '.join(STAGES)})")
-        redo(run, args.redo)
+        redo(run, stage(args.redo).name)
     progress = Progress(run, [s for s in STAGES if stages is None or s in stages])
     run_all(run, stages, progress)
     print("\n".join(progress.end_lines(f"`fusion run {args.spec}` without --stages runs them")), flush=True)
@@ -177,42 +187,29 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    from fusion import ownership
-    from fusion.launch_local import prepare, run_part, shard_done
-    from fusion.stages import STAGES
+    """One stage on a pod: the shard of an Indexed Job ($JOB_COMPLETION_INDEX), or every pending one."""
+    from fusion.launch import AllShards, OneShard, run_part
+    from fusion.pipeline import stage
 
-    if args.stage not in STAGES:
-        raise FusionError(f"unknown stage {args.stage!r} (known: {', '.join(STAGES)})")
+    stage(args.stage)  # an unknown stage is refused before the spec's models load
     run = _run(args.spec, args.store, args.set)
-    module = STAGES[args.stage]
-    parts = [args.part] if args.part else module.parts(run)
-    for part in parts:
-        if part not in module.parts(run):
-            raise FusionError(f"stage {args.stage} has no part {part!r} (parts: {', '.join(module.parts(run))})")
-    if args.stage == "split":
-        prepare(run)
-    else:
-        ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
+    parts = run.pipeline.check_parts(args.stage, [args.part] if args.part else None)
+    run.pipeline.prepare_for(args.stage)
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
     if shard is not None:
         shard = shard_in_range(run, args.stage, parts, shard, "--shard" if args.shard is not None else "$JOB_COMPLETION_INDEX")
     for part in parts:
-        if shard is None:
-            run_part(run, args.stage, part)
-        elif not shard_done(run, args.stage, part, int(shard)):
-            module.run_shard(run, part, int(shard))
+        run_part(run, args.stage, part, AllShards() if shard is None else OneShard(int(shard)))
     return 0
 
 
 def shard_in_range(run, stage: str, parts: list[str], shard, where: str) -> int:
-    from fusion.stages import STAGES
-
     try:
         index = int(shard)
     except ValueError:
         raise FusionError(f"{where}={shard!r}: not a shard index") from None
     for part in parts:
-        n = STAGES[stage].shard_count(run, part)
+        n = run.pipeline.shard_count(stage, part)
         if not 0 <= index < n:
             last = f"0..{n - 1}" if n else "none"
             raise FusionError(f"{where} {index}: out of range; stage {stage} part {part} has {n} shard(s) ({last})")
@@ -232,19 +229,19 @@ def cmd_worker(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fusion import ownership
-    from fusion.launch_local import shard_done
+    """The train stage's pods: with train.engine=deepspeed outside torchrun, torchrun is started
+    first (from the PyTorchJob's environment) and runs this command in every rank."""
+    from fusion.launch import OneShard, Part, run_part
     from fusion.stages import train
     from fusion.training import distributed
 
     run = _run(args.spec, args.store, args.set)
-    ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
-    if shard_done(run, train.NAME, train.PART, 0):
+    if Part(run, train.NAME, train.PART).is_done(0):
         return 0
     if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():
         worker_args = [args.spec, *(["--store", args.store] if args.store else []), *(f"--set={s}" for s in args.set)]
         return distributed.launch(worker_args)
-    train.run_shard(run, train.PART, 0)
+    run_part(run, train.NAME, train.PART, OneShard(0))
     return 0
 
 
@@ -313,9 +310,9 @@ def cmd_report(args) -> int:
 
 def cmd_validate(args) -> int:
     from fusion.config import load_spec
-    from fusion.run import Run
+    from fusion.pipeline import open_run
 
-    run = Run(load_spec(args.spec, args.set))
+    run = open_run(load_spec(args.spec, args.set))
     run.preflight()
     print(f"{args.spec}: valid ({len(run.sources)} source(s), target {run.target.name})")
     return 0
@@ -358,6 +355,24 @@ def cmd_ensemble(args) -> int:
     return run_cli(args)
 
 
+def cmd_merge(args) -> int:
+    from fusion.merge import run_cli
+
+    return run_cli(args)
+
+
+def cmd_moe(args) -> int:
+    from fusion.moe import run_cli
+
+    return run_cli(args)
+
+
+def cmd_vote(args) -> int:
+    from fusion.vote import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -372,6 +387,9 @@ COMMANDS = {
     "schema": cmd_schema,
     "align-fixture": cmd_align_fixture,
     "ensemble": cmd_ensemble,
+    "merge": cmd_merge,
+    "moe": cmd_moe,
+    "vote": cmd_vote,
 }
 
 if __name__ == "__main__":

@@ -39,8 +39,28 @@ class ModelSpec(Strict):
     )
 
 
+class UpscaleSpec(Strict):
+    """Depth up-scaling (SOLAR): two copies of the n-layer model, the last `drop` layers removed
+    from the first and the first `drop` from the second, stacked into 2(n - drop) layers."""
+
+    drop: int = Field(ge=0, description="m: layers dropped from each copy (0 <= m < n); the result has 2(n - m) layers.")
+
+
+class TargetInitSpec(Strict):
+    upscale: UpscaleSpec = Field(description="Depth up-scaling of the target model before anything reads it.")
+
+
+class TargetSpec(ModelSpec):
+    """The target model; optionally initialised from `path` by a transformation (fusion/upscale.py)."""
+
+    init: TargetInitSpec | None = Field(
+        None, description="Build the target from `path` first: {upscale: {drop: m}}. Every stage then sees "
+        "the built model (its logits, training and evaluation), so 'up-scale, then fuse' is one run."
+    )
+
+
 class ModelsSpec(Strict):
-    target: ModelSpec
+    target: TargetSpec
     sources: list[ModelSpec] = Field(min_length=1, description="One or more source models.")
 
     @model_validator(mode="after")

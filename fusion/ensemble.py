@@ -21,8 +21,8 @@ Two kinds, both mixing next-token distributions with weights w_i (normalised to 
   tokenizations of the whole block (teacher forcing), so this is scoring, not a causal
   generator. Generation across vocabularies is not supported.
 
-Scores are total NLL per text in nats; `bits_per_byte` turns them into a tokenizer-independent
-number (fusion/stages/evaluate.py uses the same measure).
+Scores are total NLL per text in nats; `bits_per_byte` (fusion/scoring.py, which also does the
+top-k scoring here) turns them into a tokenizer-independent number, as evaluation does.
 
     from fusion.ensemble import load_member, Ensemble, score_aligned
     members = [load_member("models/a"), load_member("models/b")]
@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from fusion import models
 from fusion.errors import FusionError
+from fusion.scoring import TopK, bits_per_byte, concat, length_batches, score_blocks
 
 
 @dataclass
@@ -57,10 +59,7 @@ class Member:
     @property
     def context_id(self) -> int:
         """The token every sequence starts from: BOS, or EOS for models trained without one."""
-        for tid in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
-            if tid is not None:
-                return int(tid)
-        raise FusionError(f"ensemble member '{self.name}': its tokenizer has neither a BOS nor an EOS token")
+        return models.context_token_id(self, self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -103,11 +102,6 @@ def same_vocabulary(members: list[Member]) -> bool:
                for m in members[1:])
 
 
-def bits_per_byte(nll_nats, texts: list[str]) -> float:
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return float(np.sum(nll_nats)) / math.log(2) / nbytes
-
-
 # ---- one vocabulary -----------------------------------------------------------------------------
 class Ensemble:
     """The weighted mixture of models that share one tokenizer (see the module doc)."""
@@ -144,8 +138,6 @@ class Ensemble:
         """Total NLL (nats, float64) of each token sequence, every token predicted from the
         start token and the tokens before it."""
         import torch
-
-        from fusion.stages.logits import length_batches
 
         out = np.zeros(len(token_ids), dtype=np.float64)
         for batch in length_batches([len(ids) for ids in token_ids], batch_tokens):
@@ -194,22 +186,13 @@ class Ensemble:
 # ---- different vocabularies -----------------------------------------------------------------------
 def _member_rows(member: Member, token_ids: list[list[int]], top_k: int, batch_tokens: int):
     """The member's own rows on its tokens: flat tokens, offsets, top-k ids / log-probs, tail, NLL."""
-    from fusion.stages.logits import forward_topk, length_batches
-
-    results: list = [None] * len(token_ids)
     k = min(top_k, member.vocab_size)
-    for batch in length_batches([len(ids) for ids in token_ids], batch_tokens):
-        done = forward_topk(member.model, [token_ids[i] for i in batch], member.context_id, k, "cpu")
-        for i, res in zip(batch, done):
-            results[i] = res
+    results = score_blocks(TopK(member.model, k, "cpu"), token_ids, member.context_id, batch_tokens)
     ptr = np.zeros(len(token_ids) + 1, dtype=np.int64)
     np.cumsum([len(ids) for ids in token_ids], out=ptr[1:])
     flat = np.array([t for ids in token_ids for t in ids], dtype=np.int64)
-
-    def cat(j, shape, dtype):
-        return np.concatenate([r[j] for r in results]).astype(dtype) if results else np.zeros(shape, dtype)
-
-    return flat, ptr, cat(0, (0, k), np.int64), cat(1, (0, k), np.float32), cat(2, (0,), np.float32), cat(3, (0,), np.float64)
+    rows = [concat(results, 0, (0, k), np.int64), concat(results, 1, (0, k), np.float32)]
+    return flat, ptr, *rows, concat(results, 2, (0,), np.float32), concat(results, 3, (0,), np.float64)
 
 
 def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batch_tokens: int = 16384,

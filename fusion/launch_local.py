@@ -9,42 +9,20 @@ from __future__ import annotations
 import time
 
 from fusion import ownership, shards
-from fusion.progress import bar
+from fusion.launch import AllShards, run_part
+from fusion.pipeline import STAGES, attach
 from fusion.run import Run
-from fusion.stages import STAGES, split
-
-
-def shard_done(run: Run, stage: str, part: str, index: int) -> bool:
-    module = STAGES[stage]
-    if hasattr(module, "is_done"):
-        return module.is_done(run, part, index)
-    return shards.read_record(run.store, stage, part, index, run.hash(stage, part)) is not None
-
-
-def run_part(run: Run, stage: str, part: str) -> None:
-    """Compute and commit every missing shard of one stage part."""
-    module = STAGES[stage]
-    config_hash = run.hash(stage, part)
-    if shards.is_part_committed(run.store, stage, part, config_hash):
-        return
-    n = module.shard_count(run, part)
-    pending = [i for i in range(n) if not shard_done(run, stage, part, i)]
-    for i in bar(pending, desc=f"{stage} {part}", unit="shard"):
-        module.run_shard(run, part, i)
-    shards.commit_part(run.store, stage, part, n, config_hash)
 
 
 def prepare(run: Run) -> None:
-    """Everything cheap that can reject bad input, before any expensive work."""
-    run.preflight()
-    ownership.claim(run)  # another run's store, or changed settings, is refused here
-    split.plan(run)  # reads every document: empty or non-UTF-8 corpora fail here
-    run.write_record()
+    """Everything cheap that can reject bad input, before any expensive work (Pipeline.prepare)."""
+    attach(run).pipeline.prepare()
 
 
 def redo(run: Run, stage: str) -> None:
     """Delete the outputs of `stage` and of every later stage (checkpoints included), so they
     are computed again."""
+    attach(run)
     ownership.claim(run, redo=stage)  # only this run's store, and only if earlier outputs stay valid
     names = list(STAGES)
     for name in names[names.index(stage) :]:
@@ -66,8 +44,8 @@ def run_all(run: Run, stages: list[str] | None = None, progress=None) -> dict[st
     for stage in selected:
         count = summary.count_shards(run, stage)
         started = time.perf_counter()
-        for part in STAGES[stage].parts(run):
-            run_part(run, stage, part)
+        for part in run.pipeline.parts(stage):
+            run_part(run, stage, part, AllShards())
         timings[stage] = round(time.perf_counter() - started, 2)
         progress.stage_done(stage, count, timings[stage])
     return timings

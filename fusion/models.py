@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from fusion import tiny
 from fusion.config import ModelSpec
 from fusion.errors import FusionError
 
@@ -13,12 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: paths are
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def model_dir(spec: ModelSpec) -> Path:
-    """The model's local folder; `tiny:NAME` builds (once, cached) a built-in tiny model."""
+def build_model(spec: ModelSpec) -> None:
+    """Build (once, cached) a built-in `tiny:NAME` model; any other path is a folder already."""
     if spec.path.startswith("tiny:"):
-        from fusion import tiny
+        tiny.model_path(spec.path.removeprefix("tiny:"))
 
-        return tiny.model_path(spec.path.removeprefix("tiny:"))
+
+def path_dir(spec: ModelSpec) -> Path:
+    """The folder `path` names. A `tiny:NAME` model must have been built (build_model): finding
+    its folder never trains one, so hashing a run's models has no side effects."""
+    if spec.path.startswith("tiny:"):
+        path = tiny.built_path(spec.path.removeprefix("tiny:"))
+        if not (path / "config.json").is_file():
+            raise FusionError(f"model '{spec.name}': {spec.path} is not built yet (fusion.models.build_model builds it)")
+        return path
     path = Path(spec.path).expanduser()
     if path.is_file():
         raise FusionError(
@@ -29,9 +38,24 @@ def model_dir(spec: ModelSpec) -> Path:
     return path
 
 
+def model_dir(spec: ModelSpec) -> Path:
+    """The model's local folder: `path_dir`, or for a target with `init: {upscale: ...}` the
+    up-scaled model of it (built once, cached; fusion/upscale.py)."""
+    path = path_dir(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:
+        from fusion import upscale
+
+        try:
+            return upscale.upscaled_dir(path, init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
+    return path
+
+
 def tokenizer_dir(spec: ModelSpec) -> Path:
     if spec.tokenizer is None:
-        return model_dir(spec)
+        return path_dir(spec)  # an up-scaled target keeps its base's tokenizer files
     path = Path(spec.tokenizer).expanduser()
     if path.is_file():
         raise FusionError(
@@ -46,6 +70,7 @@ def tokenizer_dir(spec: ModelSpec) -> Path:
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    build_model(spec)
     path = tokenizer_dir(spec)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -66,7 +91,8 @@ def encode(tokenizer, texts: list[str], offsets: bool = False):
 
 
 def context_token_id(spec: ModelSpec, tokenizer) -> int:
-    """The token every block starts from: BOS, or EOS for models trained without a BOS."""
+    """The token every block starts from: BOS, or EOS for models trained without a BOS (`spec`:
+    anything with the model's `name`, for the message)."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -101,7 +127,8 @@ def save_tokenizer(tokenizer, folder: Path, context_id: int) -> None:
 
 
 def model_config(spec: ModelSpec) -> dict:
-    path = model_dir(spec) / "config.json"
+    """The config.json of the folder `path` names (of the base, for a built target)."""
+    path = path_dir(spec) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -125,6 +152,14 @@ def max_positions(config: dict) -> int | None:
 def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
     """Cheap checks before any expensive work: vocabulary fits logits, blocks fit the context."""
     config = model_config(spec)
+    init = getattr(spec, "init", None)
+    if init is not None:  # checked on the base: an up-scaled model keeps its vocabulary and positions
+        from fusion import upscale
+
+        try:
+            upscale.layer_plan(upscale.layer_count(path_dir(spec)), init.upscale.drop)
+        except FusionError as e:
+            raise FusionError(f"models.target.init.upscale: {e}") from None
     width = logit_width(config)
     if len(tokenizer) > width:
         raise FusionError(
@@ -137,9 +172,9 @@ def check_model(spec: ModelSpec, tokenizer, block_tokens: int) -> None:
             f"model '{spec.name}': split.block_tokens={block_tokens} (+1 for BOS) exceeds the model's "
             f"{longest} positions"
         )
-    weights = list(model_dir(spec).glob("*.safetensors")) + list(model_dir(spec).glob("*.bin"))
+    weights = list(path_dir(spec).glob("*.safetensors")) + list(path_dir(spec).glob("*.bin"))
     if not weights:
-        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {model_dir(spec)}")
+        raise FusionError(f"model '{spec.name}': no weights (*.safetensors or *.bin) in {path_dir(spec)}")
 
 
 def torch_dtype(name: str):
@@ -153,7 +188,9 @@ def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = 
     partitions)."""
     from transformers import AutoModelForCausalLM
 
-    path = path or model_dir(spec)
+    if path is None:
+        build_model(spec)
+        path = model_dir(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
     except Exception as e:

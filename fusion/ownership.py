@@ -47,8 +47,8 @@ def claim(run: Run, redo: str | None = None) -> None:
     changed = changed_outputs(run, record.get("outputs") or {})
     if not changed:
         return  # a change that no output depends on: write_record adopts the new spec
-    first = _first_stage(changed)
-    if redo is not None and _order(redo) <= _order(first):
+    first = _first_stage(run, changed)
+    if redo is not None and _order(run, redo) <= _order(run, first):
         return
     where = run.store.uri(RUN_RECORD)
     if mine["run_id"] != LOCAL_RUN_ID:
@@ -59,7 +59,7 @@ def claim(run: Run, redo: str | None = None) -> None:
         )
     if redo is not None:
         raise FusionError(
-            f"{where}: --redo {redo} keeps {_some([o for o in changed if _order(o) < _order(redo)])}, whose settings "
+            f"{where}: --redo {redo} keeps {_some([o for o in changed if _order(run, o) < _order(run, redo)])}, whose settings "
             f"changed: run with --redo {first}"
         )
     raise FusionError(
@@ -100,13 +100,14 @@ def refuse_other_run(run: Run, theirs: dict, mine: dict) -> None:
 
 def changed_outputs(run: Run, recorded: dict[str, dict]) -> list[str]:
     """Stage outputs ("stage/part") whose config hash differs between run.json and this spec,
-    in stage order; outputs that appear or disappear count as changed."""
-    from fusion.stages import STAGES
-
-    now = {f"{stage}/{part}": run.hash(stage, part) for stage, module in STAGES.items() for part in module.parts(run)}
+    in stage order; outputs that appear or disappear count as changed. (run.pipeline: attached
+    by every caller, fusion.pipeline.attach.)"""
+    pipeline = run.pipeline
+    now = {f"{name}/{part}": pipeline.hash(name, part) for name in pipeline.stages for part in pipeline.parts(name)}
     if not recorded:
         return []
-    keys = sorted(set(now) | set(recorded), key=_order_key)
+    order = list(pipeline.stages)
+    keys = sorted(set(now) | set(recorded), key=lambda k: (order.index(k.split("/", 1)[0]), k))
     return [k for k in keys if now.get(k) != (recorded.get(k) or {}).get("config_hash")]
 
 
@@ -116,18 +117,12 @@ def _initial_record(run: Run, mine: dict) -> bytes:
     return json_bytes({"owner": mine, "spec": run.spec.model_dump(mode="json", by_alias=True), "store": run.store.url})
 
 
-def _order(output_or_stage: str) -> int:
-    from fusion.stages import STAGES
-
-    return list(STAGES).index(output_or_stage.split("/", 1)[0])
+def _order(run: Run, output_or_stage: str) -> int:
+    return list(run.pipeline.stages).index(output_or_stage.split("/", 1)[0])
 
 
-def _order_key(output: str) -> tuple[int, str]:
-    return _order(output), output
-
-
-def _first_stage(outputs: list[str]) -> str:
-    return min(outputs, key=_order_key).split("/", 1)[0]
+def _first_stage(run: Run, outputs: list[str]) -> str:
+    return min(outputs, key=lambda o: _order(run, o)).split("/", 1)[0]
 
 
 def _some(outputs: list[str], most: int = 4) -> str:

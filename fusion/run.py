@@ -1,14 +1,13 @@
-"""A run: the spec, its store, and the config hash of every stage output.
+"""A run: its spec, its store and its models.
 
-A stage output's config hash covers exactly what determines its bytes: the stage's own
-settings and the hashes of the outputs it reads. Changing the training lambda therefore
-invalidates training and evaluation, but not the expensive logits.
+The stages of a run, its topology and the config hash of every output belong to the pipeline
+(fusion/pipeline.py), which `fusion.pipeline.open_run` attaches as `run.pipeline`; `run.hash`
+only asks it, so that stage code can reach the hashes of what it reads and writes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from functools import cached_property
@@ -22,14 +21,20 @@ from fusion.store import Store
 RUN_RECORD = "run.json"
 RUN_ID_ENV = "FUSION_RUN_ID"
 LOCAL_RUN_ID = "local"
-PACKAGES = ["fusion-llm", "torch", "transformers", "tokenizers", "numpy", "zarr", "numba", "deepspeed"]
 
 
 class Run:
     def __init__(self, spec: RunSpec, store_url: str | None = None):
         self.spec = spec
         self.store = Store(store_url or spec.store, spec.store_options)
-        self._hashes: dict[tuple[str, str], str] = {}
+        self.pipeline = None  # the Pipeline, once fusion.pipeline.attach gave it one
+        self._models_built = False
+
+    def hash(self, stage: str, part: str) -> str:
+        """The config hash of output stage/part (see fusion/pipeline.py)."""
+        if self.pipeline is None:
+            raise FusionError("this Run has no pipeline: open it with fusion.pipeline.open_run(spec)")
+        return self.pipeline.hash(stage, part)
 
     # ---- models -------------------------------------------------------------------------
     @property
@@ -52,6 +57,14 @@ class Run:
                 return m
         raise FusionError(f"no model named '{name}' in the run spec")
 
+    def build_models(self) -> None:
+        """Build (once, cached) the run's built-in `tiny:` models; other models are folders already."""
+        if not self._models_built:
+            for m in self.spec.models.all():
+                if m.path.startswith("tiny:"):
+                    models.build_model(m)
+            self._models_built = True
+
     @cached_property
     def tokenizers(self) -> dict:
         return {m.name: models.load_tokenizer(m) for m in self.spec.models.all()}
@@ -66,41 +79,22 @@ class Run:
         return h.hexdigest()[:16]
 
     def model_identity(self, name: str) -> dict:
-        """What identifies a model's weights without reading gigabytes: config and file sizes."""
+        """What identifies a model's weights without reading gigabytes: config and file sizes,
+        and for a built target (`init`) how it is built from them, so nothing is built here."""
         spec = self.model(name)
-        folder = models.model_dir(spec)
+        folder = models.path_dir(spec)
         weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-        return {
+        identity = {
             "path": spec.path,
             "dtype": spec.dtype,
             "config": json.loads((folder / "config.json").read_text()),
             "weights": weights,
             "tokenizer": self.tokenizer_hash(name),
         }
-
-    # ---- hashes -------------------------------------------------------------------------
-    def hash(self, stage: str, part: str) -> str:
-        key = (stage, part)
-        if key not in self._hashes:
-            from fusion.stages import STAGES
-
-            self._hashes[key] = fingerprint({"stage": stage, "part": part, **STAGES[stage].fingerprint(self, part)})
-        return self._hashes[key]
-
-    # ---- the run record -----------------------------------------------------------------
-    def write_record(self) -> None:
-        """run.json: the resolved spec, its hash and the package versions that ran it.
-
-        Credentials never reach it: the spec holds none (they come from the environment)."""
-        record = {
-            "owner": self.owner(),
-            "spec": self.spec.model_dump(mode="json", by_alias=True),
-            "spec_hash": self.spec_hash(),
-            "store": self.store.url,
-            "packages": {p: _version(p) for p in PACKAGES},
-            "outputs": self.outputs(),
-        }
-        self.store.write_json(RUN_RECORD, record)
+        init = getattr(spec, "init", None)
+        if init is not None:
+            identity["init"] = init.model_dump(mode="json")
+        return identity
 
     def spec_hash(self) -> str:
         return fingerprint(self.spec.model_dump(mode="json", by_alias=True))
@@ -114,18 +108,6 @@ class Run:
         spec.pop("store_options", None)
         return {"run": self.spec.name, "run_id": os.environ.get(RUN_ID_ENV) or LOCAL_RUN_ID, "spec_hash": fingerprint(spec)}
 
-    def outputs(self) -> dict[str, dict]:
-        """Every stage output ("stage/part"): its config hash and number of shards. Recorded in
-        run.json (once the split is planned) so that a launcher can follow the run from the
-        store alone, without loading models: the Kubernetes controller does."""
-        from fusion.stages import STAGES
-
-        return {
-            f"{stage}/{part}": {"config_hash": self.hash(stage, part), "shards": module.shard_count(self, part)}
-            for stage, module in STAGES.items()
-            for part in module.parts(self)
-        }
-
     def preflight(self) -> None:
         """Cheap checks that catch bad input before any expensive work."""
         from fusion.align import check_placeable, token_view
@@ -137,10 +119,3 @@ class Run:
         corpus = self.spec.corpus.path
         if not corpus.startswith("tiny:") and not Path(corpus).expanduser().exists():
             raise FusionError(f"corpus.path: {corpus} does not exist")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None

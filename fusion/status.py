@@ -1,6 +1,10 @@
 """`fusion status`: what a run's store holds, per stage and part, read from commit records:
 shards committed (and leased by elastic workers right now), tokens, stored bytes and bytes
-per token. s3:// stores are reached through the AWS environment (AWS_ENDPOINT_URL, ...)."""
+per token. The outputs are the run's (its pipeline, from the spec in run.json) and their shard
+counts run.json's (written when the run is prepared), so no model is loaded to read a store.
+
+`status(store)` takes an open Store (a Run's: the spec's store_options apply) or a URL; a bare
+s3:// URL is reached through the AWS environment (AWS_ENDPOINT_URL, ...)."""
 
 from __future__ import annotations
 
@@ -9,20 +13,12 @@ import time
 from fusion import leases, shards
 from fusion.config import parse_spec
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD
+from fusion.pipeline import attach
+from fusion.run import RUN_RECORD, Run
 from fusion.store import Store
 
-
-def expected_parts(spec) -> list[tuple[str, str, str]]:
-    """(stage, part, how the total is known) for every output of a run."""
-    models = [spec.models.target.name] + [s.name for s in spec.models.sources]
-    sources = models[1:]
-    out = [("split", "train", "plan"), ("split", "heldout", "plan")]
-    out += [("vocab", s, "one") for s in sources]
-    out += [("logits", m, "plan") for m in models]
-    out += [("align", s, "plan") for s in sources]
-    out += [("fuse", "train", "plan"), ("train", "model", "one"), ("eval", "report", "one")]
-    return out
+# the arrays whose rows are tokens: bytes per row is bytes per token there
+TOKEN_ROWS = ("logits", "align", "fuse")
 
 
 def live_leases(store: Store, stage: str, part: str) -> int:
@@ -33,32 +29,32 @@ def live_leases(store: Store, stage: str, part: str) -> int:
     return sum(leases.is_live(store.read_json(leases.lease_path(stage, part, i, newest[i])), now) for i in pending)
 
 
-def status(url: str) -> dict:
-    store = Store(url)
+def status(store: Store | str) -> dict:
+    store = store if isinstance(store, Store) else Store(store)
     record = store.read_json(RUN_RECORD)
     if record is None:
         raise FusionError(f"{store.uri(RUN_RECORD)} does not exist: not a fusion run store")
     spec = parse_spec(record["spec"], store.uri(RUN_RECORD))
-    plan = store.read_json("split/_plan.json")
-    planned = len(plan["shards"]) if plan else None
+    pipeline = attach(Run(spec, store.url), build_models=False).pipeline  # the topology; no model is loaded
+    outputs = record.get("outputs", {})  # none yet: the run is not prepared
     rows = []
-    for stage, part, kind in expected_parts(spec):
-        s = shards.part_status(store, stage, part)
-        total = 1 if kind == "one" else planned
-        leased = 0 if s.complete else live_leases(store, stage, part)
-        rows.append(
-            {
-                "stage": stage,
-                "part": part,
-                "shards": s.committed,
-                "leased": leased,
-                "total": total,
-                "complete": s.complete,
-                "rows": s.rows,
-                "bytes": s.stored_bytes,
-                "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in ("logits", "align", "fuse") else None,
-            }
-        )
+    for stage in pipeline.stages:
+        for part in pipeline.parts(stage):
+            s = shards.part_status(store, stage, part)
+            leased = 0 if s.complete else live_leases(store, stage, part)
+            rows.append(
+                {
+                    "stage": stage,
+                    "part": part,
+                    "shards": s.committed,
+                    "leased": leased,
+                    "total": outputs.get(f"{stage}/{part}", {}).get("shards"),
+                    "complete": s.complete,
+                    "rows": s.rows,
+                    "bytes": s.stored_bytes,
+                    "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in TOKEN_ROWS else None,
+                }
+            )
     return {"run": spec.name, "store": store.url, "parts": rows}
 
 

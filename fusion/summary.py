@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fusion import shards
+from fusion.pipeline import STAGES, attach
 from fusion.run import Run
-from fusion.stages import STAGES
 
 TIMINGS = "logs/local-timings.json"
 
@@ -36,10 +36,10 @@ class ShardCount:
 def count_shards(run: Run, stage: str) -> ShardCount:
     """Shards of every part of `stage`, and how many lack a commit record (one listing per part
     that is not committed as a whole; records are checked when the stage reads them)."""
-    module = STAGES[stage]
+    pipeline = attach(run).pipeline
     pending = total = 0
-    for part in module.parts(run):
-        n = module.shard_count(run, part)
+    for part in pipeline.parts(stage):
+        n = pipeline.shard_count(stage, part)
         total += n
         if not shards.is_part_committed(run.store, stage, part, run.hash(stage, part)):
             pending += n - len(shards.committed_indices(run.store, stage, part) & set(range(n)))
@@ -47,7 +47,7 @@ def count_shards(run: Run, stage: str) -> ShardCount:
 
 
 def is_complete(run: Run, stage: str) -> bool:
-    return all(shards.is_part_committed(run.store, stage, p, run.hash(stage, p)) for p in STAGES[stage].parts(run))
+    return all(shards.is_part_committed(run.store, stage, p, run.hash(stage, p)) for p in attach(run).pipeline.parts(stage))
 
 
 def duration(seconds: float) -> str:

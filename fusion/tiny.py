@@ -245,11 +245,16 @@ def _cache_key() -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def model_path(name: str) -> Path:
-    """The folder of built-in tiny model NAME, built on first use."""
+def built_path(name: str) -> Path:
+    """The folder of built-in tiny model NAME once built (model_path builds it); nothing is built here."""
     if name not in RECIPES:
         raise FusionError(f"unknown built-in model tiny:{name} (known: {', '.join('tiny:' + n for n in RECIPES)})")
-    final = cache_dir() / "tiny" / _cache_key() / name
+    return cache_dir() / "tiny" / _cache_key() / name
+
+
+def model_path(name: str) -> Path:
+    """The folder of built-in tiny model NAME, built on first use."""
+    final = built_path(name)
     if (final / "config.json").exists():
         return final
     import torch

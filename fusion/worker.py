@@ -23,9 +23,9 @@ import socket
 import time
 
 from fusion import leases, ownership, shards
-from fusion.errors import FusionError
+from fusion.launch import Part, run_part
+from fusion.pipeline import attach
 from fusion.run import Run
-from fusion.stages import STAGES
 
 
 class InputsNotReady(Exception):
@@ -41,9 +41,65 @@ def emit(event: str, **fields) -> None:
 
 
 def check_inputs(run: Run, stage: str, part: str) -> None:
-    for in_stage, in_part in STAGES[stage].inputs(run, part):
+    for in_stage, in_part in run.pipeline.inputs(stage, part):
         if not shards.is_part_committed(run.store, in_stage, in_part, run.hash(in_stage, in_part)):
             raise InputsNotReady(f"{stage} {part}: input {in_stage}/{in_part} is not committed yet")
+
+
+class Leases:
+    """The claim of an elastic worker: a pending shard whose lease it could take, renewed while
+    the shard is computed; while others hold the last shards it waits for them (a dead
+    worker's lease expires), and once every shard has its record the part is committed."""
+
+    commits = True
+
+    def __init__(self, worker: str, lease_seconds: float, poll_seconds: float, log):
+        self.worker, self.ttl, self.poll, self.log = worker, lease_seconds, poll_seconds, log
+        self.rng = random.Random(worker)  # workers try shards in different orders: fewer collisions
+        self.lease: leases.Lease | None = None
+        self.since = 0.0
+
+    def next(self, part: Part) -> int | None:
+        while True:
+            pending = part.pending()
+            if not pending:
+                return None
+            lease = self._claim_one(part, pending)
+            if lease is None:  # every pending shard is leased by a live worker: wait for them
+                time.sleep(self.poll * (0.5 + self.rng.random()))
+                continue
+            self.lease = lease
+            return lease.index
+
+    def _claim_one(self, part: Part, pending: list[int]):
+        newest = leases.newest_generations(part.run.store, part.name, part.part)
+        order = pending[:]
+        self.rng.shuffle(order)
+        for index in order:
+            lease = leases.claim(part.run.store, part.name, part.part, index, self.worker, self.ttl, newest.get(index, 0))
+            if lease is not None:
+                return lease
+        return None
+
+    def started(self, part: Part, index: int) -> None:
+        lease, worker = self.lease, self.worker
+        self.log("claimed", worker=worker, stage=part.name, part=part.part, shard=index, generation=lease.generation)
+        lease.start_renewing(on_error=lambda e: self.log("renew-failed", worker=worker, shard=index, error=type(e).__name__))
+        self.since = time.perf_counter()
+
+    def finished(self, part: Part, index: int, computed: bool) -> None:
+        self.lease.finish()
+        if computed:
+            seconds = round(time.perf_counter() - self.since, 3)
+            self.log("committed", worker=self.worker, stage=part.name, part=part.part, shard=index, seconds=seconds,
+                     lost_lease=self.lease.lost)
+
+    def released(self, part: Part, index: int) -> None:
+        self.lease.release()
+        self.log("released", worker=self.worker, stage=part.name, part=part.part, shard=index)
+
+    def committed(self, part: Part) -> None:
+        self.log("part-committed", worker=self.worker, stage=part.name, part=part.part)
 
 
 def run_worker(
@@ -56,76 +112,15 @@ def run_worker(
     log=emit,
 ) -> dict:
     """Work on the stage's parts until every shard is committed. Returns counts."""
-    if stage not in STAGES:
-        raise FusionError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    module = STAGES[stage]
-    known = module.parts(run)
-    parts = parts or known
-    for part in parts:
-        if part not in known:
-            raise FusionError(f"stage {stage} has no part {part!r} (parts: {', '.join(known)})")
+    pipeline = attach(run).pipeline
+    parts = pipeline.check_parts(stage, parts)
+    ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     worker = worker or default_worker_id()
-    rng = random.Random(worker)  # workers try shards in different orders: fewer collisions
-    if stage == "split":
-        from fusion.launch_local import prepare
-
-        prepare(run)  # the plan is created once, whoever comes first
-    else:
-        ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
+    claim = Leases(worker, lease_seconds, poll_seconds, log)
     done = {"computed": 0, "committed": 0}
     for part in parts:
         check_inputs(run, stage, part)
-        config_hash = run.hash(stage, part)
-        if shards.is_part_committed(run.store, stage, part, config_hash):
-            continue
-        n = module.shard_count(run, part)
-        while True:
-            pending = sorted(set(range(n)) - shards.committed_indices(run.store, stage, part))
-            if not pending:
-                shards.commit_part(run.store, stage, part, n, config_hash)
-                log("part-committed", worker=worker, stage=stage, part=part)
-                break
-            lease = _claim_one(run, stage, part, pending, worker, lease_seconds, rng)
-            if lease is None:  # every pending shard is leased by a live worker: wait for them
-                time.sleep(poll_seconds * (0.5 + rng.random()))
-                continue
-            outcome = _work(run, module, stage, part, lease, config_hash, log)
-            done["computed"] += outcome != "skipped"
-            done["committed"] += outcome == "committed"
+        counts = run_part(run, stage, part, claim)
+        done = {k: done[k] + counts[k] for k in done}
     log("done", worker=worker, stage=stage, **done)
     return done
-
-
-def _claim_one(run: Run, stage: str, part: str, pending: list[int], worker: str, ttl: float, rng: random.Random):
-    newest = leases.newest_generations(run.store, stage, part)
-    order = pending[:]
-    rng.shuffle(order)
-    for index in order:
-        lease = leases.claim(run.store, stage, part, index, worker, ttl, newest.get(index, 0))
-        if lease is not None:
-            return lease
-    return None
-
-
-def _work(run: Run, module, stage: str, part: str, lease: leases.Lease, config_hash: str, log) -> str:
-    """Compute and commit the leased shard. Returns 'committed' or 'skipped' (found committed)."""
-    index, worker = lease.index, lease.worker
-    if shards.read_record(run.store, stage, part, index, config_hash) is not None:
-        lease.finish()  # committed between our listing and our claim
-        return "skipped"
-    log("claimed", worker=worker, stage=stage, part=part, shard=index, generation=lease.generation)
-    lease.start_renewing(on_error=lambda e: log("renew-failed", worker=worker, shard=index, error=type(e).__name__))
-    try:
-        before = time.perf_counter()
-        module.run_shard(run, part, index)
-        record = shards.read_record(run.store, stage, part, index, config_hash)
-    except BaseException:
-        lease.release()
-        log("released", worker=worker, stage=stage, part=part, shard=index)
-        raise
-    lease.finish()
-    if record is None:
-        raise FusionError(f"{stage} {part}: shard {index} ran but left no commit record")
-    seconds = round(time.perf_counter() - before, 3)
-    log("committed", worker=worker, stage=stage, part=part, shard=index, seconds=seconds, lost_lease=lease.lost)
-    return "committed"

@@ -39,7 +39,7 @@ IMAGES = {
         }
     }
 }
-S3 = {"cluster": {"s3": {"secretName": "fusion-s3", "endpointUrl": "http://minio.minio.svc:9000"}}}
+S3 = {"cluster": {"s3": {"secretName": "fusion-s3"}}, "store_options": {"endpoint_url": "http://minio.minio.svc:9000"}}
 STORE_VOLUME = {"cluster": {"storeVolume": {"claimName": "fusion-runs"}}}
 
 

@@ -764,6 +764,11 @@ def s3_server(bucket: str, versioned: bool = False, backend: str = "moto"):
         if versioned:
             client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
         yield url, client
+        # moto's servers in one process share their buckets: leave none behind for the next test
+        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                client.delete_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+        client.delete_bucket(Bucket=bucket)
     finally:
         stop()
         s3fs.S3FileSystem.clear_instance_cache()

@@ -49,10 +49,11 @@ SPREAD = {
 }
 # Every cluster key set to something: the widest rendering.
 EVERYTHING = {
+    "store_options": {"endpoint_url": "http://minio.minio.svc:9000", "region": "eu-west-1"},
     "cluster": {
         "imagePullSecrets": [{"name": "registry"}],
         "serviceAccount": {"name": "fusion-runner", "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/fusion"}},
-        "s3": {"secretName": "fusion-s3", "endpointUrl": "http://minio.minio.svc:9000", "region": "eu-west-1"},
+        "s3": {"secretName": "fusion-s3"},
         "kueue": {"queueName": "gpu-batch", "priorityClass": "research"},
         "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
         "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],

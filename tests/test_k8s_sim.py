@@ -92,6 +92,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
     s3_url, client = s3
     metrics_port = free_port()
     spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": 1000})
+    spec["store_options"] = {"endpoint_url": s3_url, "region": "us-east-1"}  # what every pod and the controller use
     nodes = 1
     if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
         spec["train"]["engine"] = "deepspeed"
@@ -101,7 +102,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
         IMAGES,
         {
             "cluster": {
-                "s3": {"secretName": "fusion-s3", "endpointUrl": s3_url, "region": "us-east-1"},
+                "s3": {"secretName": "fusion-s3"},
                 "controller": {"pollSeconds": 0.5, "metrics": {"port": metrics_port}},
                 "workloads": {
                     "split": {"parallelism": 2},

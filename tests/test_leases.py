@@ -9,7 +9,7 @@ from fusion import leases, shards
 from fusion.cli import main
 from fusion.config import parse_spec
 from fusion.errors import NOT_READY_EXIT_CODE, FusionError
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.store import Store
 from fusion.worker import run_worker
 from tests.s3 import S3_BACKENDS, s3_store
@@ -59,12 +59,12 @@ def test_renewal_thread_keeps_the_lease(store):
 
 def test_worker_refuses_another_configuration(micro, tmp_path):
     spec = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12})
-    run_worker(Run(parse_spec(spec)), "split", log=lambda *a, **k: None)
+    run_worker(open_run(parse_spec(spec)), "split", log=lambda *a, **k: None)
     changed = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12, "split.block_tokens": 60})
     with pytest.raises(FusionError, match="split/_plan.json was made with config hash"):
-        run_worker(Run(parse_spec(changed)), "split", log=lambda *a, **k: None)
+        run_worker(open_run(parse_spec(changed)), "split", log=lambda *a, **k: None)
     # a record of another configuration among this one's is refused too
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     store = run.store
     store.remove(f"split/train/{shards.COMMITTED}")
     record = store.read_json(shards.record_path("split", "train", 0))

@@ -1,11 +1,11 @@
-"""The logits stage: top-k on the device equals a plain full-vocabulary computation, the stored
+"""The logits stage and its scoring (fusion/scoring.py): top-k on the device equals a plain full-vocabulary computation, the stored
 arrays round-trip, and the NLL that is not stored is exactly derivable."""
 
 import numpy as np
 import pytest
 import torch
 
-from fusion import encoding
+from fusion import encoding, scoring
 from fusion.stages import logits
 
 
@@ -24,7 +24,7 @@ def test_top_k_rows_match_a_full_sort(vocab):
     x = torch.randn(64, vocab, generator=gen) * 4
     x[0, 3:9] = 20.0  # ties within the top-k are ordered by id
     targets = torch.randint(vocab, (64,), generator=gen)
-    ids, lp, tail, nll = logits.top_k_rows(x, targets, 10)
+    ids, lp, tail, nll = scoring.top_k_rows(x, targets, 10)
     ref_ids, ref_lp, ref_nll = reference_rows(x, targets, 10)
     assert torch.equal(ids.long(), ref_ids)
     assert torch.allclose(lp.float(), ref_lp, rtol=1e-3, atol=2e-3) and torch.allclose(nll, ref_nll, atol=1e-4)
@@ -38,7 +38,7 @@ def test_scorer_matches_the_plain_forward(micro):
     tok = AutoTokenizer.from_pretrained(str(micro.models["src-neox"]))
     texts = [micro.corpus.read_text()[i * 300 : i * 300 + 100 + 37 * i] for i in range(5)]
     blocks = tok(texts, add_special_tokens=False)["input_ids"]
-    scorer = logits.TopK(model, 8, "cpu")
+    scorer = scoring.TopK(model, 8, "cpu")
     assert scorer.split_head
     bos = tok.bos_token_id
     for block, (ids, lp, tail, nll) in zip(blocks, scorer(blocks, bos)):
@@ -61,7 +61,7 @@ def test_pack_and_decode_give_back_what_was_computed(micro):
     tok = AutoTokenizer.from_pretrained(str(micro.models["target"]))
     texts = [micro.corpus.read_text()[i * 500 : i * 500 + 200] for i in range(6)]
     blocks = tok(texts, add_special_tokens=False)["input_ids"]
-    results = logits.TopK(model, 8, "cpu")(blocks, tok.bos_token_id)
+    results = scoring.TopK(model, 8, "cpu")(blocks, tok.bos_token_id)
     stored = logits.pack(blocks, results, [len(t.encode()) for t in texts], model.config.vocab_size, 8)
     back = logits.decode(stored, list(logits.NEEDS), 8)
     assert np.array_equal(back["tokens"], np.concatenate(blocks))
@@ -78,7 +78,7 @@ def test_pack_and_decode_give_back_what_was_computed(micro):
 def test_length_batches_cover_every_block_within_budget():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=500).tolist()
-    batches = logits.length_batches(lengths, 2048)
+    batches = scoring.length_batches(lengths, 2048)
     assert sorted(i for b in batches for i in b) == list(range(500))
     for b in batches:
         assert (max(lengths[i] for i in b) + 1) * len(b) <= 2048 or len(b) == 1

@@ -17,8 +17,8 @@ import yaml
 from fusion.cli import main
 from fusion.config import parse_spec
 from fusion.errors import BAD_INPUT_EXIT_CODE
-from fusion.run import RUN_RECORD, Run
-from fusion.stages import STAGES
+from fusion.run import RUN_RECORD
+from fusion.pipeline import STAGES, open_run
 from fusion.training import checkpoint
 from tests.s3 import FaultyProxy, options_for, record_puts
 
@@ -102,7 +102,7 @@ def test_two_runs_of_the_same_spec_at_once_finish_once(micro, s3_endpoint, s3_bu
         outs = [p.communicate(timeout=600)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
         puts = record_puts(proxy.writes, "/")
-        run = Run(parse_spec(spec))
+        run = open_run(parse_spec(spec))
         expected = set()
         for stage in ("split", "vocab"):
             for part in STAGES[stage].parts(run):
@@ -114,7 +114,7 @@ def test_two_runs_of_the_same_spec_at_once_finish_once(micro, s3_endpoint, s3_bu
 
 
 def test_a_trainer_deletes_only_its_own_checkpoints(micro, tmp_path):
-    run = Run(parse_spec(micro.spec(tmp_path / "store")))
+    run = open_run(parse_spec(micro.spec(tmp_path / "store")))
     store = run.store
     for step in (2, 4, 6):
         store.write_json(f"{checkpoint.step_dir(step)}/{checkpoint.WRITER}", checkpoint.writer(run))

@@ -13,7 +13,7 @@ import pytest
 
 from fusion.config import parse_spec
 from fusion.launch_local import run_all
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.status import status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def committed_outputs(store: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished(micro, tmp_path_factory):
     store = tmp_path_factory.mktemp("runs") / "reference"
-    run = Run(parse_spec(micro.spec(store)))
+    run = open_run(parse_spec(micro.spec(store)))
     timings = run_all(run)
     return run, store, timings
 
@@ -85,7 +85,7 @@ def test_second_run_reuses_everything(finished):
     run, store, _ = finished
     before = committed_outputs(store)
     mtimes = {p: p.stat().st_mtime_ns for p in store.rglob("shard-*.json")}
-    run_all(Run(run.spec))
+    run_all(open_run(run.spec))
     assert committed_outputs(store) == before
     assert mtimes == {p: p.stat().st_mtime_ns for p in store.rglob("shard-*.json")}
 
@@ -140,7 +140,7 @@ def test_fusing_a_subset_of_sources_reuses_the_upstream_stages(finished, micro, 
     variant.mkdir()
     for stage in ("split", "vocab", "logits", "align"):  # shared by links, as bench/replicate.py does
         (variant / stage).symlink_to(store / stage)
-    single = Run(parse_spec(micro.spec(variant, **{"fuse.sources": ["src-neox"]})))
+    single = open_run(parse_spec(micro.spec(variant, **{"fuse.sources": ["src-neox"]})))
     assert single.hash("align", "src-neox") == run.hash("align", "src-neox")
     assert single.hash("fuse", fuse.PART) != run.hash("fuse", fuse.PART)
     run_all(single, ["fuse"])

@@ -13,9 +13,9 @@ from fusion import shards
 from fusion.cli import main
 from fusion.config import parse_spec
 from fusion.errors import BAD_INPUT_EXIT_CODE
-from fusion.launch_local import run_part
+from fusion.launch import AllShards, run_part
 from fusion.plan import MEASURED, make_plan
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.stages import split
 from tests.packed import write_packed
 
@@ -29,8 +29,8 @@ def rows(plan, stage):
 def test_the_plan_of_a_readable_corpus_matches_what_split_then_makes(micro, tmp_path):
     spec = parse_spec(micro.spec(tmp_path / "store", **{"split.shard_blocks": 8}))
     plan = make_plan(spec, throughput={"logits": 1000.0, "train": 500.0})
-    run = Run(spec)
-    run_part(run, "split", "train")
+    run = open_run(spec)
+    run_part(run, "split", "train", AllShards())
     made = split.plan(run)
     assert rows(plan, "split")["train+heldout"].shards == len(made["shards"])
     blocks = sum(shards.read_record(run.store, "split", "train", i)["rows"] for i in range(len(made["shards"])))
@@ -48,7 +48,7 @@ def test_the_plan_of_a_readable_corpus_matches_what_split_then_makes(micro, tmp_
 
 
 def test_a_pilot_store_gives_the_measured_bytes_per_token(micro, tmp_path):
-    pilot = Run(parse_spec(micro.spec(tmp_path / "pilot")))
+    pilot = open_run(parse_spec(micro.spec(tmp_path / "pilot")))
     write_packed(pilot, blocks_per_shard=12)
     status = shards.part_status(pilot.store, "fuse", "train")
     spec = parse_spec(micro.spec(tmp_path / "big"))

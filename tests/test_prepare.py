@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fusion.cli import main
 from fusion.config import parse_spec
-from fusion.run import RUN_RECORD, Run
-from fusion.stages import STAGES
+from fusion.pipeline import STAGES, open_run
+from fusion.run import RUN_RECORD
 
 
 def test_prepare_records_every_output(micro, tmp_path, capsys):
@@ -15,7 +15,7 @@ def test_prepare_records_every_output(micro, tmp_path, capsys):
     spec_path = micro.write_spec(tmp_path / "run.yaml", store)
     assert main(["prepare", str(spec_path)]) == 0
     assert "shard(s)" in capsys.readouterr().out
-    run = Run(parse_spec(micro.spec(store)))
+    run = open_run(parse_spec(micro.spec(store)))
     record = run.store.read_json(RUN_RECORD)
     planned = len(run.store.read_json("split/_plan.json")["shards"])
     assert record["spec_hash"] == run.spec_hash()

@@ -13,7 +13,7 @@ import s3fs
 from fusion.cli import main
 from fusion.config import StoreOptionsSpec, parse_spec
 from fusion.errors import FusionError
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ def named_credentials(monkeypatch):
 def test_credentials_by_name_never_written(micro, s3_endpoint, s3_bucket, named_credentials, capsys):
     spec = micro.spec(f"s3://{s3_bucket}/run")
     spec["store_options"] = {"endpoint_url": s3_endpoint, "region": "us-east-1", **named_credentials}
-    run = Run(parse_spec(spec))
-    run.write_record()
+    run = open_run(parse_spec(spec))
+    run.pipeline.write_record()
     assert run.store.fs.key == os.environ["AWS_ACCESS_KEY_ID"]  # the values were used ...
     record = run.store.read_json("run.json")
     assert record["spec"]["store_options"]["secret_access_key_env"] == "FUSION_TEST_SECRET"

@@ -24,5 +24,8 @@ def test_whitespace_only_text_gives_no_blocks(micro):
 
 def test_heldout_choice_is_stable_and_near_the_fraction():
     picks = [is_heldout(i, 0.2) for i in range(5000)]
-    assert picks == [is_heldout(i, 0.2) for i in range(5000)]
+    # pinned: the held-out documents of every existing store depend on exactly this choice
+    assert [i for i in range(60) if picks[i]] == [0, 1, 3, 8, 9, 11, 12, 13, 20, 25, 26, 27, 34, 36, 40, 44, 54, 57, 58]
     assert 0.18 < sum(picks) / len(picks) < 0.22
+    # a larger fraction holds out more documents, never other ones
+    assert all(is_heldout(i, 0.3) for i in range(5000) if is_heldout(i, 0.1))

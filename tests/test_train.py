@@ -23,6 +23,7 @@ import torch
 
 from fusion.config import parse_spec
 from fusion.loss import fusion_loss
+from fusion.pipeline import open_run
 from fusion.run import Run
 from fusion.stages import train
 from fusion.training import data, distributed, engine
@@ -53,7 +54,7 @@ def one_thread():
 
 
 def make_run(micro, store: Path, **overrides) -> Run:
-    run = Run(parse_spec(micro.spec(store, **{**SETTINGS, **overrides})))
+    run = open_run(parse_spec(micro.spec(store, **{**SETTINGS, **overrides})))
     write_packed(run, blocks_per_shard=12)
     return run
 
@@ -218,7 +219,7 @@ def test_resume_from_a_remote_store_is_bitwise(micro, tmp_path):
     latest = store.read_json("train/checkpoints/latest.json")
     store.write_json("train/checkpoints/latest.json", {**latest, "step": 4, "path": "train/checkpoints/step-0000004"})
     store.remove("train/model")
-    train.run_shard(Run(run.spec), train.PART, 0)
+    train.run_shard(open_run(run.spec), train.PART, 0)
     assert json.loads(store.read_bytes(f"{MODEL}/train_log.json")) == full
     assert store.read_bytes(f"{MODEL}/model.safetensors") == weights
     assert store.exists("logs/train/tensorboard")

@@ -13,7 +13,7 @@ from fusion import shards
 from fusion.cli import main
 from fusion.config import parse_spec
 from fusion.errors import BAD_INPUT_EXIT_CODE, FusionError
-from fusion.run import Run
+from fusion.pipeline import open_run
 from fusion.stages import fuse, train
 from fusion.training import distributed, engine
 from tests.packed import write_packed
@@ -23,7 +23,7 @@ from tests.test_train import MODEL, SETTINGS, env, log_of, one_thread  # noqa: F
 def prepared(micro, tmp_path, corrupt=None, **overrides):
     store = tmp_path / "store"
     spec = micro.spec(store, **{**SETTINGS, **overrides})
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     write_packed(run, blocks_per_shard=12, corrupt=corrupt)
     path = micro.write_spec(tmp_path / "spec.yaml", store, **{**SETTINGS, **overrides})
     return run, path

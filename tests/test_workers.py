@@ -17,6 +17,7 @@ import yaml
 from fusion import shards
 from fusion.config import parse_spec
 from fusion.launch_local import run_all
+from fusion.pipeline import open_run
 from fusion.run import Run
 from fusion.stages import logits
 from fusion.worker import run_worker
@@ -33,7 +34,7 @@ def spec_for(micro, url: str, endpoint: str) -> dict:
 
 
 def prepare(spec: dict) -> Run:
-    run = Run(parse_spec(spec))
+    run = open_run(parse_spec(spec))
     run_all(run, ["split"])
     return run
 

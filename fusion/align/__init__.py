@@ -6,18 +6,19 @@
                         source_topk_ids, source_topk_logprobs, source_tail,
                         target_view, source_view, table, mode)   # SparseRows on target rows
 
-Modes: "default" (default.py: shared text boundaries, bytes, next-token fallback, tail kept),
+Modes (modes.py: each `align.mode` resolved once into a Mode with its table and kernel):
+"default" (default.py: shared text boundaries, bytes, next-token fallback, tail kept),
 "reference-hard" / "reference-soft" (reference.py: the paper's DTW alignment, exactly).
 
 Modules, in reading order: tokens.py (views), streams.py (where tokens sit in the text), vocab.py
 (maps, on-disk cache), dtw.py (the paper's DTW, banded and certified), reference.py, default.py,
-blocks.py (align_blocks, align_blocks_parallel), fixture.py (the alignment-fixture runner).
+modes.py (the modes: which map and kernel each uses), blocks.py (align_blocks, align_blocks_parallel), fixture.py (the alignment-fixture runner).
 """
 
 from .blocks import align_blocks, align_blocks_parallel, coverage
 from .streams import check_placeable
 from .tokens import TokenView, content_hash, token_view
-from .vocab import MODES, vocab_map
+from .modes import MODES, Mode, resolve, vocab_map
 
 
 def align_fixture(fixture_dir, mode: str, out_path) -> dict:
@@ -27,5 +28,5 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
     return run(fixture_dir, mode, out_path)
 
 
-__all__ = ["MODES", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "check_placeable",
-           "content_hash", "coverage", "token_view", "vocab_map"]
+__all__ = ["MODES", "Mode", "TokenView", "align_blocks", "align_blocks_parallel", "align_fixture", "check_placeable",
+           "content_hash", "coverage", "resolve", "token_view", "vocab_map"]

@@ -6,8 +6,8 @@ distribution over source token i given BOS and the tokens before it) as dense to
 [source rows, k] of natural-log probabilities, plus the mass outside the top-k (`source_tail`).
 The result is a SparseRows on the target's rows, ids in the target vocabulary.
 
-Modes: "default" (default.py), "reference-hard" and "reference-soft" (reference.py, the paper's
-alignment shifted into our row convention). Every mode first checks that both token sequences
+Modes (modes.py: `mode` is a name or a Mode): "default" (default.py), "reference-hard" and
+"reference-soft" (reference.py, the paper's alignment shifted into our row convention). Every mode first checks that both token sequences
 spell the block's text (streams.py) and raises FusionError naming the block otherwise. No
 tokenizer offsets are needed: where each token sits in the text follows from its bytes.
 
@@ -31,13 +31,9 @@ from numba import njit
 
 from ..errors import FusionError
 from ..sparse import SparseRows, concat
-from .default import CONDITIONED, DUMMY, SHARED, SPECIAL, default_blocks
-from .reference import DISTRIBUTION, EMPTY, ONE_HOT, first_token_match, reference_blocks
+from .modes import Mode, resolve
 from .streams import block_prefixes, block_starts, locate
 from .tokens import TokenView
-from .vocab import MODES, continuation_table, dummy_prefix_table, vocab_map
-
-DTW_WIDTH = 32  # band half-width in tokens around the text alignment (dtw.py widens it when needed)
 
 
 def coverage(rows: SparseRows) -> float:
@@ -81,28 +77,6 @@ def _placed(view: TokenView, tokens, ptr, text, text_ptr, encoded, side: str, fi
     return starts, lengths, exact
 
 
-_spellings: dict[tuple[str, str], dict[str, int]] = {}
-
-
-def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_tokens, t_ptr, soft) -> np.ndarray:
-    """Per block: the paper's position-0 special case for a byte-level source (reference.py)."""
-    def lookup(string):  # the soft map's target string for the source token spelled `string`
-        key = (source.hash, target.hash)
-        if key not in _spellings:
-            _spellings[key] = {s.replace(source.marker, target.marker) if source.marker else s: i
-                               for i, s in enumerate(source.strings) if s}
-        x = _spellings[key].get(string)
-        return target.strings[soft[x]] if x is not None and soft[x] >= 0 else None
-
-    out = np.full(len(t_ptr) - 1, -1, np.int8)
-    for blk in range(len(out)):
-        if t_ptr[blk + 1] > t_ptr[blk] and s_ptr[blk + 1] > s_ptr[blk]:
-            out[blk] = first_token_match(source.strings[s_tokens[s_ptr[blk]]], target.strings[t_tokens[t_ptr[blk]]],
-                                         source.marker, target.marker, source.byte_level,
-                                         None if soft is None else lookup)
-    return out
-
-
 @njit(cache=True, nogil=True)
 def _compact(ids, logprobs, counts):
     """Padded [rows, k] entries back to back (what SparseRows holds)."""
@@ -123,10 +97,10 @@ def _sparse(ids, logprobs, counts, tails) -> SparseRows:
 
 
 def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
-                 source_tail, target_view: TokenView, source_view: TokenView, mapping=None, mode: str = "default",
+                 source_tail, target_view: TokenView, source_view: TokenView, mapping=None, mode: str | Mode = "default",
                  stats: dict | None = None) -> SparseRows:
     """The source's distributions on the target's rows (all blocks back to back), ids in the
-    target vocabulary. `mapping` is vocab_map(source_view, target_view, mode) (computed, and cached,
+    target vocabulary. `mapping` is the mode's vocab_map(source_view, target_view) (computed, and cached,
     when None). Pass a dict as `stats` to get the rows' coverage (share with a distribution) and
     how they were filled."""
     return _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
@@ -136,8 +110,7 @@ def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, so
 def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
            source_tail, target_view, source_view, mapping, mode, stats, first_block):
     """align_blocks on blocks numbered from `first_block` on (in error messages)."""
-    if mode not in MODES:
-        raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
+    mode = resolve(mode, "align_blocks")
     texts = list(texts)
     blocks = len(texts)
     t_tokens = _tokens(target_tokens, target_view, "target")
@@ -154,7 +127,7 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     if tail.shape != (len(s_tokens),):
         raise FusionError(f"align_blocks: source_tail must be [source rows = {len(s_tokens)}], got {tail.shape}")
     if mapping is None:
-        mapping = vocab_map(source_view, target_view, mode)
+        mapping = mode.vocab_map(source_view, target_view)
     mapping = np.asarray(mapping, dtype=np.int32)
     if mapping.shape != (source_view.size,) or (len(mapping) and mapping.max() >= target_view.size):
         raise FusionError(f"align_blocks: mapping must be [source vocabulary = {source_view.size}] of target ids "
@@ -167,47 +140,27 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     t_start, t_len, t_exact = _placed(target_view, t_tokens, t_ptr, text, text_ptr, encoded, "target", first_block)
     s_start, s_len, s_exact = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
-    if mode == "default":
-        ids, logprobs, counts, tails, how = default_blocks(
-            t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len, s_exact, topk_ids,
-            topk_logprobs, tail, source_view.data, source_view.ptr, mapping, continuation_table(source_view, target_view),
-            dummy_prefix_table(source_view, target_view))
-        ways = {"shared": SHARED, "conditioned": CONDITIONED, "dummy": DUMMY, "special": SPECIAL}
-    else:
-        hard = mapping if mode == "reference-hard" else vocab_map(source_view, target_view, "reference-hard")
-        soft = mapping if mode == "reference-soft" else None
-        first = _first_matches(source_view, target_view, s_tokens, s_ptr, t_tokens, t_ptr, soft)
-        ids, logprobs, counts, how = reference_blocks(
-            t_tokens, t_ptr, t_start, t_len, s_tokens, s_ptr, s_start, s_len, topk_ids, topk_logprobs,
-            *source_view.stripped_codepoints, *target_view.stripped_codepoints, hard,
-            hard if soft is None else soft, hard if soft is None else soft, target_view.canonical, first, DTW_WIDTH)
-        tails = np.where(counts == 0, 1.0, 0.0).astype(np.float32)  # the paper drops the mass beyond the top-k
-        ways = {"distribution": DISTRIBUTION, "one_hot": ONE_HOT, "empty": EMPTY}
-    rows = _sparse(ids, logprobs, counts, tails)
+    filled = mode.fill(source_view, target_view, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr,
+                       s_start, s_len, s_exact, topk_ids, topk_logprobs, tail)
+    rows = _sparse(filled.ids, filled.logprobs, filled.counts, filled.tails)
     if stats is not None:
-        # a reference one-hot is no source distribution: coverage counts distributions only
-        covered = int(np.sum(counts > 0)) if mode == "default" else int(np.sum(how == DISTRIBUTION))
+        covered = filled.covered
         stats.update(rows=rows.rows, covered=covered, coverage=covered / rows.rows if rows.rows else 1.0,
-                     **{name: int(np.sum(how == code)) for name, code in ways.items()})
+                     **{name: int(np.sum(filled.how == code)) for name, code in filled.ways.items()})
     return rows
 
 
-def _warm(source: TokenView, target: TokenView, mapping, mode: str):
+def _warm(source: TokenView, target: TokenView, mapping, mode: Mode):
     """Build every table align_blocks needs once, before threads share the views."""
     if mapping is None:
-        mapping = vocab_map(source, target, mode)
-    if mode == "default":
-        continuation_table(source, target)
-        dummy_prefix_table(source, target)
-    else:
-        vocab_map(source, target, "reference-hard")
-        source.stripped_codepoints, target.stripped_codepoints, target.canonical, target.vocab
+        mapping = mode.vocab_map(source, target)
+    mode.warm(source, target)
     return mapping
 
 
 def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids,
                           source_topk_logprobs, source_tail, target_view: TokenView, source_view: TokenView,
-                          mapping=None, mode: str = "default", stats: dict | None = None,
+                          mapping=None, mode: str | Mode = "default", stats: dict | None = None,
                           workers: int | None = None) -> SparseRows:
     """align_blocks over `workers` threads (default: all cores), blocks split into chunks of about
     equal target tokens; the same result as align_blocks."""
@@ -215,8 +168,7 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
     texts = list(texts)
     t_ptr = _offsets(target_ptr, len(target_tokens), "target_ptr", len(texts))
     s_ptr = _offsets(source_ptr, len(source_tokens), "source_ptr", len(texts))
-    if mode not in MODES:
-        raise FusionError(f"align_blocks: mode {mode!r} is not one of {', '.join(MODES)}")
+    mode = resolve(mode, "align_blocks")
     mapping = _warm(source_view, target_view, mapping, mode)
     chunks = min(len(texts), workers * 2)
     if workers == 1 or chunks <= 1:

@@ -8,7 +8,7 @@ tokenizers/ (base_*.model a SentencePiece model, blend_*.tokenizer.json a Huggin
 Base = target, blending = source. The candidate .npz holds row_ptr_KK, idx_KK, val_KK (and
 kind_KK) in the paper's row convention, the values being the raw logits as given.
 
-    python -m fusion.align.fixture --fixture DIR --mode hard|soft --out FILE.npz
+    python -m fusion.align.fixture --fixture DIR --mode reference-hard|reference-soft --out FILE.npz
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def _columns(base: TokenView, blend: TokenView, base_ids: np.ndarray, blend_ids:
     return text_columns(a_start, a_len, b_start)
 
 
+FIXTURE_MODES = ["reference-hard", "reference-soft", "hard", "soft"]  # the spec's names, and short ones
+
+
 def align_fixture(fixture_dir, mode: str, out_path) -> dict:
     """Align every sequence of the fixture in reference mode `mode` ("hard" or "soft", also
     "reference-hard"/"reference-soft") and write the candidate .npz. Returns {"seconds": time spent
@@ -120,7 +123,7 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
     folder = Path(fixture_dir)
     mode = mode.removeprefix("reference-")
     if mode not in ("hard", "soft"):
-        raise FusionError(f"align-fixture: mode {mode!r} is not hard or soft")
+        raise FusionError(f"align-fixture: mode {mode!r} is not reference-hard or reference-soft")
     try:
         meta = json.loads((folder / "meta.json").read_text())
         base_strings = json.loads((folder / "base_vocab.json").read_text())
@@ -201,7 +204,7 @@ def check_candidate(fixture_dir, mode: str, candidate) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusion.align.fixture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fixture", required=True, help="folder in the alignment-fixture format")
-    parser.add_argument("--mode", required=True, choices=["hard", "soft"])
+    parser.add_argument("--mode", required=True, choices=FIXTURE_MODES, help="align.mode (hard, soft: the same, short)")
     parser.add_argument("--out", required=True, help="candidate .npz to write")
     args = parser.parse_args(argv)
     try:

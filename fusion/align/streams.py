@@ -165,10 +165,15 @@ def _mismatch(view: TokenView, stream: np.ndarray, text: bytes, normalized, what
 
 @njit(cache=True, nogil=True)
 def byte_alignment(stream, text, slack=8):
-    """A minimum-edit alignment of the bytes the tokens spell (`stream`) with the text's. Returns
+    """A minimum-edit alignment of the bytes the tokens spell (`stream`) with the text's (a
+    substitution costs as much as a deletion and an insertion, so that equal bytes are matched
+    wherever they can be: a longest common subsequence). Returns
     for every stream byte the text position where the alignment consumes it and whether it is
     matched there by an equal byte. Of equally short alignments it takes the one that matches a
-    byte before deleting its repeats (a collapsed run of spaces keeps its first space). Computed
+    byte before deleting its repeats: a collapsed run of spaces keeps its first space, so the
+    token holding it starts where the run does, as a target that spells the run as one token
+    ("    " then "if") has its boundaries (the tokenizers' own offsets start it at the last
+    space instead, where a target splitting "   " + " if" has its second one). Computed
     in a band around the diagonal wide enough for the length difference plus `slack`."""
     m, n = len(stream), len(text)
     lo = min(0, m - n) - slack  # band: lo <= j - i <= hi
@@ -190,13 +195,13 @@ def byte_alignment(stream, text, slack=8):
                 cur[b] = 0
                 continue
             # ties go to the deletion, then the diagonal: walked back from the end, that puts a
-            # deleted byte after the equal byte it repeats
+            # deleted byte after the equal byte it repeats (a run of spaces keeps its first)
             best = big
             way = 0
             if i > 0 and b + 1 < width and prev[b + 1] + 1 < best:
                 best, way = prev[b + 1] + 1, 2
             if i > 0 and j > 0:
-                c = prev[b] + (0 if text[i - 1] == stream[j - 1] else 1)
+                c = prev[b] + (0 if text[i - 1] == stream[j - 1] else 2)
                 if c < best:
                     best, way = c, 1
             if j > 0 and b > 0 and cur[b - 1] + 1 < best:

@@ -48,11 +48,9 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from ..errors import FusionError
 from .tokens import TokenView, codepoints
 
 MAP_VERSION = "2"
-MODES = ("default", "reference-hard", "reference-soft")
 
 
 def cache_dir() -> Path:
@@ -87,16 +85,6 @@ def cached(kind: str, source: TokenView, target: TokenView, size: int, build) ->
     except OSError:
         pass  # a read-only cache is not an error: the table is simply rebuilt next time
     return table
-
-
-def vocab_map(source: TokenView, target: TokenView, mode: str) -> np.ndarray:
-    """int32 [source.size]: target id per source id, -1 where there is none. See the module doc."""
-    if mode not in MODES:
-        raise FusionError(f"vocab_map: mode {mode!r} is not one of {', '.join(MODES)}")
-    build = {"default": lambda: default_map(source, target),
-             "reference-hard": lambda: hard_map(source, target),
-             "reference-soft": lambda: soft_map(source, target)}[mode]
-    return cached(mode, source, target, source.size, build)
 
 
 # --- reference modes -------------------------------------------------------------------------

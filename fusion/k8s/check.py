@@ -14,11 +14,12 @@ from fusion.errors import FusionError
 from fusion.run import RUN_RECORD, Run
 
 CHECK_WAIT_SECONDS = 20.0
+from fusion.status import format_status, status
 
 
 def main(spec_path: str) -> int:
     spec = load_spec(spec_path)
-    store = Run(spec).store  # the spec's store, reached as every stage reaches it
+    store = Run(spec).store  # the spec's store and store_options, reached as every stage reaches them
     store.outage_seconds = min(store.outage_seconds, CHECK_WAIT_SECONDS)  # `helm test` answers soon
     probe = f"logs/probe-{uuid.uuid4().hex}.json"
     token = {"probe": probe}
@@ -32,9 +33,7 @@ def main(spec_path: str) -> int:
     print(f"run spec {spec_path}: valid (run '{spec.name}', {len(spec.models.sources)} source(s))")
     print(f"store {store.url}: reachable and writable")
     if store.exists(RUN_RECORD):
-        from fusion.status import format_status, status
-
-        print(format_status(status(store.url)))
+        print(format_status(status(store)))
     else:
         print("the run has not been prepared yet")
     return 0

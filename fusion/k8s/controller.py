@@ -4,8 +4,9 @@ It runs as a Job beside the run (helm/fusion/templates/controller.yaml) and crea
 stage's workload, rendered by Helm into the run's ConfigMap, once the stage's inputs are
 committed in the store. So no workload exists before it can start, and no GPU workload holds
 nodes while upstream work runs: a training job is created when the packed data is committed,
-not when alignment starts. The order comes from the data (each stage module's `inputs()` and
-the commit records), never from a fixed sequence.
+not when alignment starts. The order comes from the data (the run's pipeline says what each
+part reads, fusion/pipeline.py; run.json what it planned; commit records what is done), never
+from a fixed sequence.
 
 Every pass (each --poll-seconds) derives everything from the store and the API:
 
@@ -42,7 +43,9 @@ import yaml
 from fusion import shards
 from fusion.config import load_spec
 from fusion.errors import FusionError
+from fusion.pipeline import STAGES, attach, open_run
 from fusion.run import RUN_RECORD, Run
+from fusion.status import format_status, status
 
 STAGE_LABEL = "fusion.dev/stage"
 PART_LABEL = "fusion.dev/part"
@@ -170,9 +173,8 @@ class Workload:
 
 
 def load_workloads(path: Path, run: Run) -> list[Workload]:
-    """The workloads of the chart, prepare first; inputs and outputs from the stage code."""
-    from fusion.stages import STAGES
-
+    """The workloads of the chart, prepare first; inputs and outputs from the run's pipeline."""
+    attach(run, build_models=False)
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
     except (OSError, yaml.YAMLError) as e:
@@ -188,12 +190,11 @@ def load_workloads(path: Path, run: Run) -> list[Workload]:
             continue
         if stage not in STAGES:
             raise FusionError(f"{path}: unknown stage {stage!r} in {manifest['metadata']['name']}")
-        module = STAGES[stage]
-        parts = [labels[PART_LABEL]] if PART_LABEL in labels else module.parts(run)
+        parts = [labels[PART_LABEL]] if PART_LABEL in labels else run.pipeline.parts(stage)
         outputs = [(stage, p) for p in parts]
         inputs = []
         for p in parts:
-            inputs += [i for i in module.inputs(run, p) if i not in outputs and i not in inputs]
+            inputs += [i for i in run.pipeline.inputs(stage, p) if i not in outputs and i not in inputs]
         out.append(Workload(manifest, outputs, inputs))
     if not out or out[0].stage != PREPARE:
         raise FusionError(f"{path}: no prepare workload")
@@ -399,9 +400,8 @@ class Controller:
 
 def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | None, poll_seconds: float, metrics_port: int = 0) -> int:
     from fusion.k8s import observe
-    from fusion.status import format_status, status
 
-    run = Run(load_spec(spec_path))
+    run = open_run(load_spec(spec_path), build_models=False)
     namespace = namespace or _pod_namespace()
     kube = Kube(namespace)
     observer = observe.Observer(observe.core_api(kube), namespace, run.spec.name, observe.status_name(job_name), log, os.environ.get("POD_NAME", ""))
@@ -413,7 +413,7 @@ def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | No
     finally:
         if metrics is not None:
             metrics.close()
-    print(format_status(status(run.store.url)), flush=True)
+    print(format_status(status(run.store)), flush=True)
     return 0
 
 

@@ -60,6 +60,9 @@ class SecurityContext(Strict):
 
 
 class S3(Strict):
+    """Credentials only: the endpoint and region are the run spec's `store_options`, the one
+    place every pod, the controller and `helm test` read them from."""
+
     secretName: str = Field(
         "",
         description="Secret holding S3 credentials (k8s/s3-secret.example.yaml). Empty: no keys are "
@@ -67,8 +70,6 @@ class S3(Strict):
     )
     accessKeyIdKey: str = Field("AWS_ACCESS_KEY_ID", description="Key of the access key id in the Secret.")
     secretAccessKeyKey: str = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key in the Secret.")
-    endpointUrl: str = Field("", description="S3 endpoint for MinIO, Ceph, R2...; empty: AWS.")
-    region: str = Field("", description="S3 region (AWS_DEFAULT_REGION).")
 
 
 class StoreVolume(Strict):

@@ -1,4 +1,6 @@
-"""The stages of a fusion run, in order. Every stage module has the same plain functions:
+"""What a stage is. Every stage module (split, vocab, logits, align, fuse, train, evaluate)
+ends with one `STAGE = Stage(...)` made of its plain functions; fusion/pipeline.py lists them
+in order, and launchers only ever go through the pipeline and `fusion.launch.run_part`.
 
     parts(run)                  the parts it writes (a model name, "train", ...)
     inputs(run, part)           the (stage, part) outputs it reads; it may start once they are committed
@@ -6,17 +8,28 @@
     shard_count(run, part)      how many shards the part has
     run_shard(run, part, i)     compute shard i and commit it
 
-Launchers (local, Kubernetes workers) only ever call these.
+Hooks, for the stages that need them (instead of launchers testing stage names):
+
+    plan(run)                   the cheap first pass that other stages' shard counts come from
+                                (split: the shard plan). Launchers prepare the run (fusion/pipeline.py:
+                                Pipeline.prepare, which calls it) before a stage with a plan runs
+    is_done(run, part, i)       whether shard i is committed, where one task writes several parts
+                                (split writes train and heldout; default: the part's own record)
 """
 
-from fusion.stages import align, evaluate, fuse, logits, split, train, vocab
+from __future__ import annotations
 
-STAGES = {
-    "split": split,
-    "vocab": vocab,
-    "logits": logits,
-    "align": align,
-    "fuse": fuse,
-    "train": train,
-    "eval": evaluate,
-}
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parts: Callable
+    inputs: Callable
+    fingerprint: Callable
+    shard_count: Callable
+    run_shard: Callable
+    plan: Callable | None = None
+    is_done: Callable | None = None

@@ -16,6 +16,7 @@ import numpy as np
 from fusion import encoding, shards
 from fusion.errors import FusionError
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import logits, split, vocab
 
 NAME = "align"
@@ -68,7 +69,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
 
 
 def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: dict):
-    from fusion.align import align_blocks_parallel
+    from fusion.align import align_blocks_parallel, resolve
 
     return align_blocks_parallel(
         texts,
@@ -82,7 +83,7 @@ def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: 
         vocab.token_view(run, run.target.name),
         vocab.token_view(run, part),
         vocab.read(run, part),
-        run.spec.align.mode,
+        resolve(run.spec.align.mode),
         stats=stats,
         workers=run.spec.align.workers or os.cpu_count() or 1,
     )
@@ -104,3 +105,6 @@ def read(run: Run, part: str, index: int, target_tokens: np.ndarray | None = Non
         "seq_bytes": stored["seq_bytes"].astype(np.int64),
         "seq_tokens": stored["seq_tokens"].astype(np.int64),
     }
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -9,18 +9,17 @@ the model's BOS, so every byte of the text is predicted.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from fusion import models, shards
+from fusion import models, scoring, shards
 from fusion.config import ModelSpec
 from fusion.errors import FusionError
-from fusion.progress import bar
 from fusion.run import Run
-from fusion.stages import align, logits, split, train
+from fusion.stages import Stage
+from fusion.stages import align, split, train
 
 NAME = "eval"
 PART = "report"
@@ -47,18 +46,6 @@ def shard_count(run: Run, part: str) -> int:
     return 1
 
 
-def block_nll(model, tokenizer, bos: int, texts: list[str], batch_tokens: int, device: str, desc: str) -> np.ndarray:
-    """Total NLL (nats, float64) of each text under the model, every token predicted from BOS."""
-    token_ids = models.encode(tokenizer, texts)
-    out = np.zeros(len(texts), dtype=np.float64)
-    batches = logits.length_batches([len(ids) for ids in token_ids], batch_tokens)
-    for batch in bar(batches, desc=desc, unit="batch", leave=False):
-        results = logits.forward_topk(model, [token_ids[i] for i in batch], bos, 1, device)
-        for i, (_, _, _, nll) in zip(batch, results):
-            out[i] = nll.astype(np.float64).sum()
-    return out
-
-
 def heldout_blocks(run: Run) -> tuple[list[str], np.ndarray, list[str]]:
     texts, domains = [], []
     for i in range(split.shard_count(run, "heldout")):
@@ -76,14 +63,14 @@ def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], doma
     device = models.pick_device(run.spec.logits.device)
     tokenizer = run.tokenizers[spec.name]
     model = models.load_model(spec, device, path=folder)
-    nll = block_nll(model, tokenizer, models.context_token_id(spec, tokenizer), texts, run.spec.eval.batch_tokens, device, f"eval {label}")
-    nbytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.float64)
+    bos = models.context_token_id(spec, tokenizer)
+    nll = scoring.block_nll(model, models.encode(tokenizer, texts), bos, run.spec.eval.batch_tokens, device, f"eval {label}")
     per_domain = {}
     for d, name in enumerate(names):
-        sel = domains == d
-        if sel.any():
-            per_domain[name] = nll[sel].sum() / math.log(2) / nbytes[sel].sum()
-    return {"model": label, "path": where or spec.path, "bits_per_byte": nll.sum() / math.log(2) / nbytes.sum(), "domains": per_domain}
+        sel = np.flatnonzero(domains == d)
+        if len(sel):
+            per_domain[name] = scoring.bits_per_byte(nll[sel], [texts[i] for i in sel])
+    return {"model": label, "path": where or spec.path, "bits_per_byte": scoring.bits_per_byte(nll, texts), "domains": per_domain}
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
@@ -192,3 +179,6 @@ def figure(report: dict, log: list[dict]):
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -19,6 +19,7 @@ import numpy as np
 from fusion import encoding, shards
 from fusion.fusing import fuse, paper_reward, sequence_metric
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.sparse import SparseRows
 from fusion.stages import align, logits, split
 
@@ -111,3 +112,6 @@ def decode(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "tail": stored["tail"],
         "choice": stored["choice"],
     }
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

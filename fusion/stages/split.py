@@ -25,6 +25,7 @@ from fusion.corpus import read_documents
 from fusion.errors import FusionError
 from fusion.models import encode
 from fusion.run import Run
+from fusion.stages import Stage
 
 NAME = "split"
 PARTS = ["train", "heldout"]
@@ -214,3 +215,6 @@ def _too_long(pieces: list[str], tokenizers: list, max_tokens: int) -> list[bool
         for i, ids in enumerate(encode(tok, pieces)):
             bad[i] = bad[i] or len(ids) > max_tokens
     return bad
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, plan=plan, is_done=is_done)

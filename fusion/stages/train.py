@@ -15,7 +15,7 @@ The recipe, top to bottom (its parts live in fusion/training/):
 
 Launch: `fusion run SPEC` trains in one process (train.engine=torch, or deepspeed with a world
 of one). Several processes or nodes: every node runs `torchrun ... -m fusion train SPEC`
-(fusion.training.distributed.torchrun_command, the PyTorchJob entry), train.engine=deepspeed.
+(fusion.training.distributed.launch starts it from the PyTorchJob's environment), train.engine=deepspeed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fusion import models, shards
 from fusion.errors import FusionError, PeersLost
 from fusion.progress import bar
 from fusion.run import Run
+from fusion.stages import Stage
 from fusion.stages import fuse
 from fusion.training import checkpoint, data, distributed, engine, metrics
 
@@ -92,7 +93,7 @@ def train_from(run: Run, world: distributed.World, stop, scratch: Path, reader: 
     state = checkpoint.load(run, world, eng, reader, scratch)
     board = metrics.open_board(run, world, scratch, state.step)
     if world.main:
-        applied = engine.describe(eng)
+        applied = eng.describe()
         run.store.write_json(ENGINE_LOG, applied)
         print(
             f"[fusion] train: {eng.kind} engine, {world.size} rank(s), {eng.precision}, {steps} steps from step "
@@ -150,10 +151,10 @@ def train_step(run: Run, eng: engine.Engine, reader: data.PackedReader, step: in
     counts = distributed.all_sum(world, [sum(b.tokens for b in batches), sum(len(b.skipped) for b in batches), *choice])
     tokens, skipped, choice = int(counts[0]), int(counts[1]), [int(c) for c in counts[2:]]
 
-    lr = engine.current_lr(eng)
+    lr = eng.current_lr()
     sums = [0.0, 0.0, 0.0]
     for i, batch in enumerate(batches):
-        logits = engine.forward(eng, batch)
+        logits = eng.forward(batch)
         dev = logits.device
         out = fusion_loss(
             logits,
@@ -168,7 +169,7 @@ def train_step(run: Run, eng: engine.Engine, reader: data.PackedReader, step: in
             reduction="sum",
         )
         # a share of the global token-weighted mean; summed over micro-batches and ranks
-        engine.backward(eng, out["loss"] / max(tokens, 1), last=i == len(batches) - 1)
+        eng.backward(out["loss"] / max(tokens, 1), last=i == len(batches) - 1)
         for j, key in enumerate(("loss", "clm", "fusion")):
             sums[j] += float(out[key].detach())
     totals = distributed.all_sum(world, [*sums, float(stop.is_set())])
@@ -178,7 +179,7 @@ def train_step(run: Run, eng: engine.Engine, reader: data.PackedReader, step: in
             f"train: the loss is not finite at step {step + 1} (diverged: lower train.lr or check the packed data); "
             f"the newest checkpoint is intact"
         )
-    grad_norm = engine.step(eng)
+    grad_norm = eng.step()
     entry = metrics.step_entry(step + 1, mean, tokens, lr, choice, grad_norm, skipped)
     return entry, totals[3] > 0
 
@@ -189,7 +190,7 @@ def export(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> None
     Every rank takes part in gathering the weights (ZeRO-3 holds them in slices)."""
     import torch
 
-    weights = engine.full_state_dict(eng)
+    weights = eng.full_state_dict()
     if eng.world.main:
         dtype = models.torch_dtype(run.target.dtype)
         weights = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in weights.items()}
@@ -212,8 +213,9 @@ def model_card(run: Run, eng: engine.Engine, state: checkpoint.TrainerState) -> 
     names = [run.target.name] + [s.name for s in run.fused_sources]
     chosen = [sum(e["choice"][i] for e in log) for i in range(len(names))]
     shares = ", ".join(f"`{n}` {c / max(1, sum(chosen)):.1%}" for n, c in zip(names, chosen))
+    teacher = teacher_line(spec.fuse.function, spec.fuse.level, shares)
     last = log[-1] if log else {}
-    engine_line = f"{eng.kind}" + (f" ZeRO-{spec.train.zero_stage}" if eng.kind == "deepspeed" else "")
+    engine_line = f"{eng.kind}" + (f" ZeRO-{eng.zero_stage}" if eng.zero_stage is not None else "")
     return f"""---
 library_name: transformers
 tags: [knowledge-fusion, fusellm]
@@ -228,7 +230,7 @@ Sources:
 Method: alignment `{spec.align.mode}`, fusion `{spec.fuse.function}` at {spec.fuse.level} level by
 `{spec.fuse.metric}`, top-{spec.fuse.top_k} fused distributions; loss = {spec.train.lam} * CLM +
 {1 - spec.train.lam:g} * {spec.train.loss} (tail: {spec.train.tail}, temperature {spec.train.temperature}).
-Teacher taken from (blocks seen in training): {shares}.
+{teacher}
 
 Data: `{spec.corpus.path}`, blocks of at most {spec.split.block_tokens} tokens; {sum(e["tokens"] for e in log)} target
 tokens trained on, {state.skipped} block(s) skipped for bad teacher data.
@@ -238,6 +240,18 @@ Training: {len(log)} steps, batch {spec.train.batch_size}, AdamW lr {spec.train.
 """
 
 
+def teacher_line(function: str, level: str, shares: str) -> str:
+    """What the per-block choice counts mean: the teacher only where MinCE picks one per block."""
+    if function == "mince" and level == "sequence":
+        return f"Teacher taken from (blocks seen in training): {shares}."
+    how = "weights every candidate by its cross-entropy" if function == "avgce" else "picks a candidate per token"
+    return (f"Lowest-cost candidate per block (blocks seen in training): {shares}; the {function} fusion at "
+            f"{level} level {how}, so no block has a single teacher.")
+
+
 def model_folder(run: Run, scratch: Path) -> Path:
     """The committed fused model as a local folder (downloaded if the store is remote)."""
     return shards.read_files_shard(run.store, NAME, PART, 0, scratch)
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -12,6 +12,7 @@ import numpy as np
 
 from fusion import shards
 from fusion.run import Run
+from fusion.stages import Stage
 
 NAME = "vocab"
 
@@ -50,9 +51,9 @@ def token_view(run: Run, name: str):
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
-    from fusion.align import vocab_map
+    from fusion.align import resolve
 
-    mapping = vocab_map(token_view(run, part), token_view(run, run.target.name), run.spec.align.mode)
+    mapping = resolve(run.spec.align.mode).vocab_map(token_view(run, part), token_view(run, run.target.name))
     mapping = np.asarray(mapping, dtype=np.int32)
     covered = float((mapping >= 0).mean()) if len(mapping) else 0.0
     shards.write_shard(
@@ -62,3 +63,6 @@ def run_shard(run: Run, part: str, index: int) -> None:
 
 def read(run: Run, part: str) -> np.ndarray:
     return shards.read_shard(run.store, NAME, part, 0)["mapping"]
+
+
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)

@@ -95,7 +95,7 @@ def save(run: Run, world: World, eng: engine.Engine, reader, state: TrainerState
         store.write_json(f"{rel}/{WRITER}", writer(run))  # first: whatever lands here after is known to be ours
     distributed.barrier(world)
     local = scratch / f"save-{state.step}"
-    engine.save(eng, local / "engine")
+    eng.save(local / "engine")
     for f in sorted(p for p in (local / "engine").rglob("*") if p.is_file()):
         store.put_file(f, f"{rel}/engine/{f.relative_to(local / 'engine').as_posix()}")
     buf = io.BytesIO()
@@ -166,7 +166,7 @@ def load(run: Run, world: World, eng: engine.Engine, reader, scratch: Path) -> T
             f"per rank; run with {latest.get('world_size')} ranks or --redo train"
         )
     rel = latest["path"]
-    engine.load(eng, _fetch_engine_files(run, f"{rel}/engine", world.rank, scratch / "resume"))
+    eng.load(_fetch_engine_files(run, f"{rel}/engine", world.rank, scratch / "resume"))
     blob = run.store.read_bytes(f"{rel}/{rank_file(world.rank)}")
     if blob is None:
         raise FusionError(f"{run.store.uri(rel)}: no {rank_file(world.rank)} (incomplete checkpoint)")

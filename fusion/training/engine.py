@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from fusion import models
@@ -88,9 +89,14 @@ def deepspeed_config(spec: TrainSpec, layout: Layout, precision: str) -> dict:
     return config
 
 
+# ---- the engines ------------------------------------------------------------------------------------
 @dataclass
 class Engine:
-    kind: str  # "torch" | "deepspeed"
+    """What both engines hold. Each engine (train.engine, resolved once by `build` through
+    ENGINES) says how it runs a forward pass, accumulates gradients, steps, saves and loads:
+    TorchEngine in this process, DeepSpeedEngine over torchrun's ranks with ZeRO-2/3."""
+
+    kind: ClassVar[str]
     module: object  # the transformers model
     optimizer: object  # torch.optim.AdamW (DeepSpeed wraps it; this is the object that steps)
     scheduler: object  # torch.optim.lr_scheduler.LambdaLR on `optimizer`
@@ -99,26 +105,174 @@ class Engine:
     precision: str
     spec: TrainSpec
     total_steps: int
-    ds: object | None = None  # the DeepSpeed engine
+
+    def current_lr(self) -> float:
+        """The learning rate the optimizer applies at its next step, read from the optimizer itself."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def describe(self) -> dict:
+        """What is applied: engine, precision, batch layout, optimizer, schedule, DeepSpeed config."""
+        spec, group = self.spec, self.optimizer.param_groups[0]
+        return {
+            "engine": self.kind,
+            "world_size": self.world.size,
+            "device": self.world.device,
+            "precision": self.precision,
+            "zero_stage": self.zero_stage,
+            "gradient_checkpointing": spec.gradient_checkpointing,
+            "batch": {"global": spec.batch_size, "per_rank": self.layout.per_rank, "micro": self.layout.micro,
+                      "accumulation": self.layout.accumulation},
+            "optimizer": {
+                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__name__}",
+                "stepped_by": self.stepped_by,
+                "betas": list(group["betas"]),
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+            },
+            "schedule": {
+                "class": f"{type(self.scheduler).__module__}.{type(self.scheduler).__name__}",
+                "shape": "linear warm-up, then cosine decay",
+                "peak_lr": spec.lr,
+                "warmup_steps": spec.warmup_steps,
+                "min_lr": spec.lr * spec.min_lr_ratio,
+                "total_steps": self.total_steps,
+            },
+            "deepspeed_config": self.ds_config,
+        }
+
+    zero_stage = None  # the ZeRO stage applied (DeepSpeed only)
+    stepped_by = None  # the class that steps the optimizer, where it is not the optimizer itself
+    ds_config = None  # the DeepSpeed config applied
+
+    # what each engine implements
+    def forward(self, batch): ...  # logits [B, W, V] of a batch (data.Batch), position i predicts label i
+
+    def backward(self, loss, last: bool) -> None: ...  # accumulate one micro-batch; `last`: the step's final one
+
+    def step(self) -> float: ...  # clip, step optimizer and schedule, clear gradients; the gradient norm
+
+    def save(self, folder: Path) -> None: ...  # this rank's state as files in a local folder (every rank calls it)
+
+    def load(self, folder: Path) -> None: ...
+
+    def full_state_dict(self) -> dict | None: ...  # the whole model's weights on rank 0 (None elsewhere)
+
+
+@dataclass
+class TorchEngine(Engine):
+    kind = "torch"
+
+    def forward(self, batch):
+        import torch
+
+        inputs, mask = batch.inputs.to(self.world.device), batch.mask.to(self.world.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.module(input_ids=inputs, attention_mask=mask).logits[:, :-1]
+
+    def backward(self, loss, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        import torch
+
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.spec.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        torch.save(state, folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        import torch
+
+        state = torch.load(folder / "state.pt", map_location=self.world.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict | None:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.world.main else None
+
+
+@dataclass
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+    ds: object = None  # the DeepSpeed engine
     ds_config: dict | None = None
     hf_ds_config: object | None = None  # while alive, transformers loads ZeRO-3 models partitioned
 
+    @property
+    def zero_stage(self) -> int:
+        return self.spec.zero_stage
 
-def build(run: Run, world: World, total: int) -> Engine:
+    @property
+    def stepped_by(self) -> str:
+        return type(self.ds.optimizer).__name__
+
+    def forward(self, batch):
+        inputs, mask = batch.inputs.to(self.world.device), batch.mask.to(self.world.device)
+        return self.ds(input_ids=inputs, attention_mask=mask).logits[:, :-1]  # bf16: DeepSpeed's own mode
+
+    def backward(self, loss, last: bool) -> None:
+        self.ds.backward(loss * self.world.size, scale_wrt_gas=False)
+        if not last:
+            self.ds.step()  # counts the micro-batch; DeepSpeed steps the optimizer at the boundary only
+        elif not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's accumulation boundary does not match the trainer's batch layout")
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ds.save_checkpoint(str(folder), tag="state", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FusionError(f"train: DeepSpeed found no checkpoint state in {folder}")
+
+    def full_state_dict(self) -> dict | None:
+        """Under ZeRO-3 every rank holds a slice of each weight, so each one is gathered in turn
+        (every rank must call this)."""
+        module = self.module
+        if self.spec.zero_stage < 3:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()} if self.world.main else None
+        import deepspeed
+
+        state = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if self.world.main:
+                    state[name] = param.detach().cpu().clone()
+        if not self.world.main:
+            return None
+        params = set(state) | {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        for name, value in module.state_dict().items():  # persistent buffers are not partitioned
+            if name not in params:
+                state[name] = value.detach().cpu()
+        return state
+
+
+# ---- building one ------------------------------------------------------------------------------------
+def _model_and_optimizer(run: Run, device: str | None, total: int):
+    """The target in fp32 (on `device`; None: where DeepSpeed puts it), AdamW and the schedule's maker."""
     import torch
 
     spec = run.spec.train
-    layout = batch_layout(spec, world.size)
-    precision = resolve_precision(spec, world.device)
-    torch.manual_seed(spec.seed)
-    ds_config = hf_ds_config = None
-    if spec.engine == "deepspeed":
-        ds_config = deepspeed_config(spec, layout, precision)
-        if spec.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds_config = HfDeepSpeedConfig(ds_config)  # from_pretrained now loads straight into partitions
-    module = models.load_model(run.target, None if spec.engine == "deepspeed" else world.device, dtype="float32")
+    module = models.load_model(run.target, device, dtype="float32")
     module.train()
     module.config.use_cache = False
     if spec.gradient_checkpointing:
@@ -128,9 +282,24 @@ def build(run: Run, world: World, total: int) -> Engine:
     def schedule(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, spec))
 
-    if spec.engine == "torch":
-        return Engine("torch", module, optimizer, schedule(optimizer), world, layout, precision, spec, total)
+    return module, optimizer, schedule
 
+
+def build_torch(run: Run, world: World, total: int, layout: Layout, precision: str) -> TorchEngine:
+    module, optimizer, schedule = _model_and_optimizer(run, world.device, total)
+    return TorchEngine(module, optimizer, schedule(optimizer), world, layout, precision, run.spec.train, total)
+
+
+def build_deepspeed(run: Run, world: World, total: int, layout: Layout, precision: str) -> DeepSpeedEngine:
+    import torch
+
+    spec = run.spec.train
+    ds_config, hf_ds_config = deepspeed_config(spec, layout, precision), None
+    if spec.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # from_pretrained now loads straight into partitions
+    module, optimizer, schedule = _model_and_optimizer(run, None, total)
     import deepspeed
 
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
@@ -142,136 +311,18 @@ def build(run: Run, world: World, total: int) -> Engine:
             f"{type(ds.basic_optimizer).__name__}, {type(scheduler).__name__}); refusing to train with a schedule "
             f"nobody asked for"
         )
-    return Engine(
-        "deepspeed", module, optimizer, scheduler, world, layout, precision, spec, total, ds, ds_config, hf_ds_config
-    )
+    return DeepSpeedEngine(module, optimizer, scheduler, world, layout, precision, spec, total, ds, ds_config, hf_ds_config)
 
 
-def describe(engine: Engine) -> dict:
-    """What is applied: engine, precision, batch layout, optimizer, schedule, DeepSpeed config."""
-    spec, group = engine.spec, engine.optimizer.param_groups[0]
-    return {
-        "engine": engine.kind,
-        "world_size": engine.world.size,
-        "device": engine.world.device,
-        "precision": engine.precision,
-        "zero_stage": spec.zero_stage if engine.ds is not None else None,
-        "gradient_checkpointing": spec.gradient_checkpointing,
-        "batch": {"global": spec.batch_size, "per_rank": engine.layout.per_rank, "micro": engine.layout.micro,
-                  "accumulation": engine.layout.accumulation},
-        "optimizer": {
-            "class": f"{type(engine.optimizer).__module__}.{type(engine.optimizer).__name__}",
-            "stepped_by": type(engine.ds.optimizer).__name__ if engine.ds is not None else None,
-            "betas": list(group["betas"]),
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-        },
-        "schedule": {
-            "class": f"{type(engine.scheduler).__module__}.{type(engine.scheduler).__name__}",
-            "shape": "linear warm-up, then cosine decay",
-            "peak_lr": spec.lr,
-            "warmup_steps": spec.warmup_steps,
-            "min_lr": spec.lr * spec.min_lr_ratio,
-            "total_steps": engine.total_steps,
-        },
-        "deepspeed_config": engine.ds_config,
-    }
+ENGINES = {"torch": build_torch, "deepspeed": build_deepspeed}  # train.engine -> its builder
 
 
-# ---- one optimizer step ----------------------------------------------------------------------------
-def forward(engine: Engine, batch):
-    """Logits [B, W, V] of a batch (data.Batch), shifted so that position i predicts label i."""
+def build(run: Run, world: World, total: int) -> Engine:
+    """The engine train.engine names, with the batch layout and precision of this world."""
     import torch
 
-    inputs, mask = batch.inputs.to(engine.world.device), batch.mask.to(engine.world.device)
-    model = engine.ds if engine.ds is not None else engine.module
-    autocast = engine.ds is None and engine.precision == "bf16"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        return model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
-
-
-def backward(engine: Engine, loss, last: bool) -> None:
-    """Accumulate the gradient of one micro-batch; `last`: the step's final micro-batch."""
-    if engine.ds is None:
-        loss.backward()
-        return
-    engine.ds.backward(loss * engine.world.size, scale_wrt_gas=False)
-    if not last:
-        engine.ds.step()  # counts the micro-batch; DeepSpeed steps the optimizer at the boundary only
-    elif not engine.ds.is_gradient_accumulation_boundary():
-        raise RuntimeError("DeepSpeed's accumulation boundary does not match the trainer's batch layout")
-
-
-def current_lr(engine: Engine) -> float:
-    """The learning rate the optimizer applies at its next step, read from the optimizer itself."""
-    return float(engine.optimizer.param_groups[0]["lr"])
-
-
-def step(engine: Engine) -> float:
-    """Clip, step the optimizer and the schedule, clear gradients; returns the gradient norm."""
-    import torch
-
-    if engine.ds is None:
-        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), engine.spec.max_grad_norm)
-        engine.optimizer.step()
-        engine.scheduler.step()
-        engine.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-    engine.ds.step()
-    norm = engine.ds.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
-# ---- state -----------------------------------------------------------------------------------------
-def save(engine: Engine, folder: Path) -> None:
-    """This rank's engine state as files in a local folder (every rank calls it)."""
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    if engine.ds is not None:
-        engine.ds.save_checkpoint(str(folder), tag="state", save_latest=False)
-        return
-    state = {
-        "model": engine.module.state_dict(),
-        "optimizer": engine.optimizer.state_dict(),
-        "scheduler": engine.scheduler.state_dict(),
-    }
-    torch.save(state, folder / "state.pt")
-
-
-def load(engine: Engine, folder: Path) -> None:
-    import torch
-
-    if engine.ds is not None:
-        path, _ = engine.ds.load_checkpoint(
-            str(folder), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise FusionError(f"train: DeepSpeed found no checkpoint state in {folder}")
-        return
-    state = torch.load(folder / "state.pt", map_location=engine.world.device, weights_only=False)
-    engine.module.load_state_dict(state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
-    engine.scheduler.load_state_dict(state["scheduler"])
-
-
-def full_state_dict(engine: Engine) -> dict | None:
-    """The whole model's weights on rank 0 (None elsewhere). Under ZeRO-3 every rank holds a
-    slice of each weight, so each one is gathered in turn (every rank must call this)."""
-    module = engine.module
-    if engine.ds is None or engine.spec.zero_stage < 3:
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if engine.world.main else None
-    import deepspeed
-
-    state = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if engine.world.main:
-                state[name] = param.detach().cpu().clone()
-    if not engine.world.main:
-        return None
-    params = set(state) | {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    for name, value in module.state_dict().items():  # persistent buffers are not partitioned
-        if name not in params:
-            state[name] = value.detach().cpu()
-    return state
+    spec = run.spec.train
+    layout = batch_layout(spec, world.size)
+    precision = resolve_precision(spec, world.device)
+    torch.manual_seed(spec.seed)
+    return ENGINES[spec.engine](run, world, total, layout, precision)

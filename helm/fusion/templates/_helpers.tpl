@@ -228,11 +228,13 @@ spec:
               name: {{ . }}
               key: {{ $c.s3.secretAccessKeyKey }}
         {{- end }}
-        {{- with $c.s3.endpointUrl }}
+        {{- /* the spec's store settings, also for tools in the pod that read the AWS environment */}}
+        {{- $store := $root.Values.store_options | default dict }}
+        {{- with $store.endpoint_url }}
         - name: AWS_ENDPOINT_URL
           value: {{ . | quote }}
         {{- end }}
-        {{- with $c.s3.region }}
+        {{- with $store.region }}
         - name: AWS_DEFAULT_REGION
           value: {{ . | quote }}
         {{- end }}

@@ -1,0 +1,119 @@
+"""The pipeline object, its one shard loop and the choices resolved once: the topology comes
+from one place, hashing reads files only, and every launcher runs the same `run_part`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from fusion import shards
+from fusion.config import AlignSpec, TrainSpec, parse_spec
+from fusion.errors import FusionError
+from fusion.launch import AllShards, OneShard, Part, run_part
+from fusion.pipeline import STAGES, attach, open_run
+from fusion.run import RUN_RECORD, Run
+from fusion.status import status
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = REPO.parent / "shared" / "hooks" / "layers.py"
+
+
+@pytest.mark.skipif(not LAYERS.exists(), reason="the shared import checker is not here")
+def test_no_import_cycle_and_algorithms_reach_no_store():
+    done = subprocess.run([sys.executable, str(LAYERS), str(REPO)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 import cycles" in done.stdout
+
+
+def test_hashing_never_builds_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSION_CACHE_DIR", str(tmp_path / "cache"))
+    spec = {
+        "name": "unbuilt",
+        "store": str(tmp_path / "store"),
+        "models": {"target": {"name": "t", "path": "tiny:target"}, "sources": [{"name": "s", "path": "tiny:src-neox"}]},
+        "corpus": {"path": "tiny:python-stdlib"},
+    }
+    run = attach(Run(parse_spec(spec)), build_models=False)
+    with pytest.raises(FusionError, match="tiny:src-neox is not built yet"):
+        run.hash("vocab", "s")
+    assert not (tmp_path / "cache").exists()  # nothing was trained or written while hashing
+
+
+def test_a_run_without_pipeline_says_how_to_get_one(micro, tmp_path):
+    with pytest.raises(FusionError, match="open_run"):
+        Run(parse_spec(micro.spec(tmp_path / "store"))).hash("split", "train")
+
+
+def test_status_lists_what_run_json_records(micro, tmp_path):
+    run = open_run(parse_spec(micro.spec(tmp_path / "store")))
+    run.pipeline.prepare()
+    rows = status(run.store)["parts"]
+    outputs = run.store.read_json(RUN_RECORD)["outputs"]
+    assert [f"{r['stage']}/{r['part']}" for r in rows] == list(run.pipeline.outputs())
+    assert {f"{r['stage']}/{r['part']}": r["total"] for r in rows} == {k: o["shards"] for k, o in outputs.items()}
+    assert list(dict.fromkeys(r["stage"] for r in rows)) == list(STAGES)
+
+
+def test_status_reaches_s3_through_the_spec_store_options(micro, s3_endpoint, s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the endpoint is only in the spec
+    spec = micro.spec(f"s3://{s3_bucket}/run")
+    spec["store_options"] = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
+    run = open_run(parse_spec(spec))
+    run.pipeline.write_record()
+    report = status(run.store)
+    assert report["store"] == f"s3://{s3_bucket}/run" and len(report["parts"]) == len(run.pipeline.outputs())
+
+
+def test_one_shard_commits_no_part_and_all_shards_do(micro, tmp_path):
+    run = open_run(parse_spec(micro.spec(tmp_path / "store", **{"split.shard_blocks": 8})))
+    n = run.pipeline.shard_count("split", "train")  # from the plan, made on first need
+    assert n > 1 and not run.store.exists(RUN_RECORD)
+    assert run_part(run, "split", "train", OneShard(1)) == {"computed": 1, "committed": 1}
+    assert run.pipeline.prepared and run.store.exists(RUN_RECORD)  # a stage with a plan prepares the run first
+    assert Part(run, "split", "heldout").is_done(1)  # one task writes both parts of its shard
+    assert not shards.is_part_committed(run.store, "split", "train", run.hash("split", "train"))
+    assert run_part(run, "split", "train", OneShard(1))["computed"] == 0  # done already: skipped
+    assert run_part(run, "split", "train", AllShards())["computed"] == n - 1
+    assert shards.is_part_committed(run.store, "split", "train", run.hash("split", "train"))
+    assert run_part(run, "split", "heldout", AllShards())["computed"] == 0  # its shards came with train's
+    assert shards.is_part_committed(run.store, "split", "heldout", run.hash("split", "heldout"))
+
+
+def test_unknown_stages_and_parts_are_named(micro, tmp_path):
+    run = open_run(parse_spec(micro.spec(tmp_path / "store")))
+    with pytest.raises(FusionError, match="unknown stage 'alig'"):
+        run_part(run, "alig", "src-llama", AllShards())
+    with pytest.raises(FusionError, match="stage align has no part 'target'"):
+        run.pipeline.check_parts("align", ["target"])
+
+
+def test_every_mode_and_engine_of_the_spec_is_resolved():
+    from fusion.align import MODES, resolve
+    from fusion.training.engine import ENGINES
+
+    assert set(MODES) == set(typing.get_args(AlignSpec.model_fields["mode"].annotation))
+    assert set(ENGINES) == set(typing.get_args(TrainSpec.model_fields["engine"].annotation))
+    assert resolve("reference-soft") is MODES["reference-soft"] and resolve(MODES["default"]) is MODES["default"]
+    with pytest.raises(FusionError, match="mode 'soft' is not one of default, reference-hard, reference-soft"):
+        resolve("soft")
+
+
+def test_the_model_card_names_a_teacher_only_where_there_is_one():
+    from fusion.stages.train import teacher_line
+
+    assert teacher_line("mince", "sequence", "`a` 60%").startswith("Teacher taken from")
+    for function, level in [("avgce", "sequence"), ("mince", "token"), ("avgce", "token")]:
+        line = teacher_line(function, level, "`a` 60%")
+        assert "Teacher taken from" not in line and "no block has a single teacher" in line
+
+
+def test_the_fixture_command_takes_the_spec_mode_names(tmp_path, capsys):
+    from fusion.cli import main
+
+    for mode in ("reference-hard", "reference-soft", "hard"):
+        assert main(["align-fixture", "--fixture", str(tmp_path / "none"), "--mode", mode, "--out", str(tmp_path / "x.npz")]) == 3
+        assert "not a readable alignment fixture" in capsys.readouterr().err
