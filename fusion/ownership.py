@@ -7,8 +7,8 @@ release on Kubernetes (the chart sets FUSION_RUN_ID to it), else $FUSION_RUN_ID,
 The spec hash covers the whole spec except how the store is reached (`store`,
 `store_options`): two routes to the same store are the same run.
 
-The first process of a run creates run.json exclusively (create-if-absent), before any work.
-Every later process of the run compares:
+The first process of a run creates run.json exclusively (create-if-absent, `write`) once its
+plans are made; every process first compares (`claim`, `check`), before any work:
 - another run id: refused, naming both runs. Another install (release) never writes here.
 - the same run id and spec hash: the same run (two `fusion run` at once, a restarted pod, a
   resumed install); they cooperate through the commit protocol.
@@ -35,11 +35,9 @@ def claim(run: Run, redo: str | None = None) -> None:
     """Make sure this run owns its store, before any work (see the module docstring). `redo`
     is the stage a `--redo` will compute again, from which on changed outputs are allowed."""
     mine = run.owner()
-    if run.store.create(RUN_RECORD, _initial_record(run, mine)):
-        return
     record = run.store.read_json(RUN_RECORD) or {}
     theirs = record.get("owner")
-    if theirs is None:  # a store of a version before owners: the run that finds it adopts it
+    if theirs is None:  # a fresh store (write_record creates run.json), or one of a version before owners
         return
     refuse_other_run(run, theirs, mine)
     if theirs.get("spec_hash") == mine["spec_hash"]:
@@ -66,6 +64,16 @@ def claim(run: Run, redo: str | None = None) -> None:
         f"{where} holds {describe(theirs)}; this spec (hash {mine['spec_hash']}) changes the config hash of "
         f"{_some(changed)}: run with --redo {first} to compute them again, or use another store"
     )
+
+
+def write(run: Run, record: dict) -> None:
+    """Write run.json: created exclusively by the first process; any later one writes it only
+    after `claim` found the store to be this run's."""
+    from fusion.store import json_bytes
+
+    if not run.store.create(RUN_RECORD, json_bytes(record)):
+        claim(run)  # another process created it meanwhile: it must be this run
+        run.store.write_json(RUN_RECORD, record)
 
 
 def adopt(run: Run) -> None:

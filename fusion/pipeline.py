@@ -20,7 +20,7 @@ import importlib.metadata
 from fusion import ownership
 from fusion.config import RunSpec, fingerprint
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD, Run
+from fusion.run import Run
 from fusion.stages import Stage, align, evaluate, fuse, logits, split, train, vocab
 
 STAGES: dict[str, Stage] = {s.name: s for s in (split.STAGE, vocab.STAGE, logits.STAGE, align.STAGE, fuse.STAGE, train.STAGE, evaluate.STAGE)}
@@ -110,7 +110,7 @@ class Pipeline:
             "packages": {p: _version(p) for p in PACKAGES},
             "outputs": self.outputs(),
         }
-        run.store.write_json(RUN_RECORD, record)
+        ownership.write(run, record)
 
 
 def open_run(spec: RunSpec, store_url: str | None = None, build_models: bool = True) -> Run:

@@ -61,7 +61,7 @@ def test_worker_refuses_another_configuration(micro, tmp_path):
     spec = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12})
     run_worker(open_run(parse_spec(spec)), "split", log=lambda *a, **k: None)
     changed = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12, "split.block_tokens": 60})
-    with pytest.raises(FusionError, match="split/_plan.json was made with config hash"):
+    with pytest.raises(FusionError, match="the run spec changed mid-run"):
         run_worker(open_run(parse_spec(changed)), "split", log=lambda *a, **k: None)
     # a record of another configuration among this one's is refused too
     run = open_run(parse_spec(spec))
