@@ -267,6 +267,16 @@ class StoreOptionsSpec(Strict):
         return self
 
 
+class CaptureSpec(Strict):
+    """Where an earlier capture of the sources lives (fusion/capture.py)."""
+
+    store: str | None = Field(
+        None, description="A store holding a capture (split + every source's logits), e.g. an earlier run's store "
+        "with the same sources, corpus and split settings; its matching shards are imported, not computed.",
+    )
+    store_options: StoreOptionsSpec = StoreOptionsSpec()
+
+
 class RunSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     store: str = Field(description="Run store URL: a path, file://, memory:// or s3://.")
@@ -279,6 +289,7 @@ class RunSpec(Strict):
     fuse: FuseSpec = FuseSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    capture: CaptureSpec = CaptureSpec()
 
     @model_validator(mode="after")
     def _fused_sources_exist(self):

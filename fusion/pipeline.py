@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from fusion import ownership
+from fusion import capture, ownership
 from fusion.config import RunSpec, fingerprint
 from fusion.errors import FusionError
 from fusion.run import Run
@@ -84,6 +84,11 @@ class Pipeline:
         non-UTF-8 corpora fail here), and run.json written."""
         self.run.preflight()
         ownership.claim(self.run)  # another run's store, or changed settings, is refused here
+        imported = capture.import_capture(self.run)  # before the plans: an imported plan is the plan
+        if imported is not None and imported.shards:
+            print(f"[fusion] capture: {sum(imported.shards.values())} shard(s) imported from "
+                  f"{self.run.spec.capture.store} ({', '.join(f'{k} {v}' for k, v in imported.shards.items())})",
+                  flush=True)
         for s in self.stages.values():
             if s.plan is not None:
                 s.plan(self.run)

@@ -78,9 +78,17 @@ def run_shard(run: Run, part: str, index: int) -> None:
     tokenizer = run.tokenizers[part]
     texts, _ = split.read_blocks(run, "train", index)
     token_ids = models.encode(tokenizer, texts)
+    # blocks are cut for the sources' tokenizers; the target's may run longer, within its context
+    limit = run.spec.split.block_tokens
+    if part == run.target.name:
+        limit = (models.max_positions(models.model_config(spec)) or 10**9) - 1
     for i, ids in enumerate(token_ids):
-        if len(ids) > run.spec.split.block_tokens:
-            raise FusionError(f"model '{part}': block {i} of split shard {index} has {len(ids)} tokens > split.block_tokens")
+        if len(ids) > limit:
+            what = "split.block_tokens" if part != run.target.name else "the target's context (less BOS)"
+            raise FusionError(
+                f"model '{part}': block {i} of split shard {index} has {len(ids)} tokens > {what} ({limit}); "
+                f"lower split.block_tokens"
+            )
     device = models.pick_device(run.spec.logits.device)
     scorer = scorer_for(run, part, device)
     bos = models.context_token_id(spec, tokenizer)

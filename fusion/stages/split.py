@@ -1,5 +1,8 @@
-"""split: the corpus as text blocks that every model's tokenizer turns into at most
-`split.block_tokens` tokens, so that all models see exactly the same text.
+"""split: the corpus as text blocks that every source's tokenizer turns into at most
+`split.block_tokens` tokens, so that all models see exactly the same text. The target's
+tokenizer plays no part, so that one capture of the sources serves many targets
+(fusion/capture.py); the target's tokens of a block may exceed block_tokens (by the ratio of
+the tokenizers; FILL leaves 10 % of room) up to its own context length.
 
 Text is normalised to Unicode NFC first (several tokenizers normalise, and every model must
 see the same text). A plan (one pass over the corpus, no tokenizing) groups consecutive
@@ -46,7 +49,7 @@ def fingerprint(run: Run, part: str) -> dict:
     return {
         "corpus": run.spec.corpus.model_dump(mode="json"),
         "split": run.spec.split.model_dump(mode="json"),
-        "tokenizers": [run.tokenizer_hash(m.name) for m in run.spec.models.all()],
+        "tokenizers": [run.tokenizer_hash(m.name) for m in run.sources],  # not the target's: fusion/capture.py
     }
 
 
@@ -117,7 +120,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
     the_plan = plan(run)
     start, stop = the_plan["shards"][index]
     domain_index = {d: i for i, d in enumerate(the_plan["domains"])}
-    tokenizers = [run.tokenizers[m.name] for m in run.spec.models.all()]
+    tokenizers = [run.tokenizers[m.name] for m in run.sources]
     fraction = run.spec.corpus.heldout_fraction
     blocks = {p: ([], [], []) for p in PARTS}  # texts, docs, domains
     docs = itertools.islice(read_documents(run.spec.corpus), start, stop)
