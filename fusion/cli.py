@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from fusion.errors import BAD_INPUT_EXIT_CODE, NOT_READY_EXIT_CODE, FusionError
+from fusion.errors import NOT_READY_EXIT_CODE, FusionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
         return code
-    except FusionError as e:
+    except FusionError as e:  # bad input, or a store unreachable past the wait (e.exit_code says which)
         print(f"fusion: error: {e}", file=sys.stderr)
-        return BAD_INPUT_EXIT_CODE
+        return e.exit_code
     except KeyboardInterrupt:
         print("fusion: interrupted; run the same command again to continue", file=sys.stderr)
         return 130

@@ -253,6 +253,12 @@ class StoreOptionsSpec(Strict):
     connect_timeout: float = Field(10.0, gt=0.0, description="Seconds to open a connection before retrying.")
     read_timeout: float = Field(120.0, gt=0.0, description="Seconds without response bytes before retrying.")
     max_attempts: int = Field(10, ge=1, description="Attempts per request (exponential back-off with jitter).")
+    outage_seconds: float = Field(
+        1800.0,
+        ge=0.0,
+        description="How long a process waits for an unreachable store (refused connections, timeouts, 5xx) "
+        "before it exits with the retryable code 200; it logs a line a minute meanwhile.",
+    )
 
     @model_validator(mode="after")
     def _keys_in_pairs(self):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from fusion import shards
+from fusion import ownership, shards
 from fusion.errors import FusionError
 from fusion.pipeline import attach, stage
 from fusion.progress import bar
@@ -111,6 +111,7 @@ def run_part(run: Run, name: str, part: str, claim: Claim) -> dict:
     """Compute the shards of one stage part that `claim` hands out, skipping committed ones, and
     commit the part if the claim does so. Returns {"computed": n, "committed": n}."""
     attach(run).pipeline.prepare_for(name)
+    ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     done = {"computed": 0, "committed": 0}
     config_hash = run.hash(name, part)
     if shards.is_part_committed(run.store, name, part, config_hash):

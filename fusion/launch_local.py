@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fusion import shards
+from fusion import ownership, shards
 from fusion.launch import AllShards, run_part
 from fusion.pipeline import STAGES, attach
 from fusion.run import Run
@@ -22,9 +22,12 @@ def prepare(run: Run) -> None:
 def redo(run: Run, stage: str) -> None:
     """Delete the outputs of `stage` and of every later stage (checkpoints included), so they
     are computed again."""
+    attach(run)
+    ownership.claim(run, redo=stage)  # only this run's store, and only if earlier outputs stay valid
     names = list(STAGES)
     for name in names[names.index(stage) :]:
         run.store.remove(name)
+    ownership.adopt(run)
 
 
 def run_all(run: Run, stages: list[str] | None = None, progress=None) -> dict[str, float]:

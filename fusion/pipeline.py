@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from fusion import capture
+from fusion import capture, ownership
 from fusion.config import RunSpec, fingerprint
 from fusion.errors import FusionError
-from fusion.run import RUN_RECORD, Run
+from fusion.run import Run
 from fusion.stages import Stage, align, evaluate, fuse, logits, split, train, vocab
 
 STAGES: dict[str, Stage] = {s.name: s for s in (split.STAGE, vocab.STAGE, logits.STAGE, align.STAGE, fuse.STAGE, train.STAGE, evaluate.STAGE)}
@@ -83,6 +83,7 @@ class Pipeline:
         corpus are checked, every stage's plan made (split reads every document: empty or
         non-UTF-8 corpora fail here), and run.json written."""
         self.run.preflight()
+        ownership.claim(self.run)  # another run's store, or changed settings, is refused here
         imported = capture.import_capture(self.run)  # before the plans: an imported plan is the plan
         if imported is not None and imported.shards:
             print(f"[fusion] capture: {sum(imported.shards.values())} shard(s) imported from "
@@ -107,13 +108,14 @@ class Pipeline:
         Credentials never reach it: the spec holds none (they come from the environment)."""
         run = self.run
         record = {
+            "owner": run.owner(),
             "spec": run.spec.model_dump(mode="json", by_alias=True),
             "spec_hash": run.spec_hash(),
             "store": run.store.url,
             "packages": {p: _version(p) for p in PACKAGES},
             "outputs": self.outputs(),
         }
-        run.store.write_json(RUN_RECORD, record)
+        ownership.write(run, record)
 
 
 def open_run(spec: RunSpec, store_url: str | None = None, build_models: bool = True) -> Run:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fusion.errors import FusionError
 from fusion.store import Store
 
 RUN_RECORD = "run.json"
+RUN_ID_ENV = "FUSION_RUN_ID"
+LOCAL_RUN_ID = "local"
 
 
 class Run:
@@ -95,6 +98,15 @@ class Run:
 
     def spec_hash(self) -> str:
         return fingerprint(self.spec.model_dump(mode="json", by_alias=True))
+
+    def owner(self) -> dict:
+        """The run's identity in run.json (fusion/ownership.py): its name, its run id
+        ($FUSION_RUN_ID, which the chart sets to the Helm release; else "local") and the hash of
+        its spec without how the store is reached (`store`, `store_options`)."""
+        spec = self.spec.model_dump(mode="json", by_alias=True)
+        spec.pop("store", None)
+        spec.pop("store_options", None)
+        return {"run": self.spec.name, "run_id": os.environ.get(RUN_ID_ENV) or LOCAL_RUN_ID, "spec_hash": fingerprint(spec)}
 
     def preflight(self) -> None:
         """Cheap checks that catch bad input before any expensive work."""

@@ -22,7 +22,7 @@ import random
 import socket
 import time
 
-from fusion import leases, shards
+from fusion import leases, ownership, shards
 from fusion.launch import Part, run_part
 from fusion.pipeline import attach
 from fusion.run import Run
@@ -114,6 +114,7 @@ def run_worker(
     """Work on the stage's parts until every shard is committed. Returns counts."""
     pipeline = attach(run).pipeline
     parts = pipeline.check_parts(stage, parts)
+    ownership.check(run)  # another run's store, or a spec changed mid-run: refused before any work
     worker = worker or default_worker_id()
     claim = Leases(worker, lease_seconds, poll_seconds, log)
     done = {"computed": 0, "committed": 0}

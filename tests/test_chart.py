@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fusion.config import RunSpec, TrainSpec, parse_spec
-from fusion.errors import BAD_INPUT_EXIT_CODE
+from fusion.errors import BAD_INPUT_EXIT_CODE, PEER_LOST_EXIT_CODE, STORE_UNREACHABLE_EXIT_CODE
 from fusion.k8s.values import ChartValues, default_cluster_values, schema_text
 from tests.helmchart import (
     CHART,
@@ -730,3 +730,22 @@ def test_the_status_configmap_is_installed_for_the_controller_to_keep_current(re
     role = rendered["tiny-s3"].get("Role", "tiny-controller")
     assert {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tiny-status"], "verbs": ["get", "patch"]} in role["rules"]
     assert {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]} in role["rules"]
+
+
+def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered):
+    """Exit 200 (the store stayed unreachable past store_options.outage_seconds) restarts the pod
+    without using up backoffLimit; training pods restart on it and on 201 (peers lost) through
+    restartPolicy ExitCode (128-255); every pod carries the release as the run's identity."""
+    r = rendered["tiny-s3"]
+    ignore = {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [STORE_UNREACHABLE_EXIT_CODE]}}
+    for name in ["tiny-prepare", "tiny-split", "tiny-align-src-llama", "tiny-eval", "tiny-controller"]:
+        job = r.workload(name) if name != "tiny-controller" else r.get("Job", name)
+        rules = [{**rule, "onExitCodes": {k: v for k, v in rule.get("onExitCodes", {}).items() if k != "containerName"}}
+                 for rule in job["spec"]["podFailurePolicy"]["rules"]]
+        assert ignore in rules, name
+        env = {e["name"]: e.get("value") for e in _containers(job)[0]["env"]}
+        assert env["FUSION_RUN_ID"] == "tiny", name
+    assert 128 <= STORE_UNREACHABLE_EXIT_CODE <= 255 and 128 <= PEER_LOST_EXIT_CODE <= 255
+    train = r.workload("tiny-train")
+    for replica in train["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["restartPolicy"] == "ExitCode"

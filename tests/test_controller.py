@@ -226,6 +226,21 @@ async def test_a_run_record_of_another_spec_is_refused(setup):
         await s.step()
 
 
+async def test_a_spec_changed_mid_run_is_refused(setup, tmp_path):
+    """helm upgrade with another run spec: the mounted spec changes under the controller."""
+    s = setup
+    spec_file = tmp_path / "run.yaml"
+    spec_file.write_text(yaml.safe_dump(spec(str(tmp_path / "store"))))
+    s.controller.spec_path = str(spec_file)
+    await s.step()
+    s.prepare_done()
+    await s.finish("Job", "ctl-prepare")
+    await s.step()
+    spec_file.write_text(yaml.safe_dump({**spec(str(tmp_path / "store")), "train": {"lambda": 0.5}}))
+    with pytest.raises(FusionError, match=r"run.yaml changed mid-run \(spec hash \w+ -> \w+: helm upgrade\?\): refused"):
+        await s.step()
+
+
 async def test_leftovers_of_an_earlier_install_are_replaced(setup):
     s = setup
     leftover = {

@@ -3,11 +3,13 @@ reachable and writable with the pods' credentials."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from fusion.cli import main
 from fusion.errors import BAD_INPUT_EXIT_CODE
 from tests.k8s_sim import s3_server
+from tests.s3 import S3_BACKENDS
 
 
 def write_spec(path, store: str):
@@ -21,8 +23,9 @@ def write_spec(path, store: str):
     return str(path)
 
 
-def test_a_reachable_store_passes_and_keeps_nothing(tmp_path, monkeypatch, capsys):
-    with s3_server("runs") as (url, client):
+@pytest.mark.parametrize("backend", S3_BACKENDS)
+def test_a_reachable_store_passes_and_keeps_nothing(tmp_path, monkeypatch, capsys, backend):
+    with s3_server("runs", backend=backend) as (url, client):
         for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
         assert main(["k8s", "check", write_spec(tmp_path / "run.yaml", "s3://runs/check")]) == 0
@@ -31,8 +34,9 @@ def test_a_reachable_store_passes_and_keeps_nothing(tmp_path, monkeypatch, capsy
     assert "store s3://runs/check: reachable and writable" in out and "not been prepared yet" in out
 
 
-def test_a_missing_bucket_fails_naming_the_store(tmp_path, monkeypatch, capsys):
-    with s3_server("runs") as (url, _):
+@pytest.mark.parametrize("backend", S3_BACKENDS)
+def test_a_missing_bucket_fails_naming_the_store(tmp_path, monkeypatch, capsys, backend):
+    with s3_server("runs", backend=backend) as (url, _):
         for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
         assert main(["k8s", "check", write_spec(tmp_path / "run.yaml", "s3://no-such-bucket/check")]) == BAD_INPUT_EXIT_CODE

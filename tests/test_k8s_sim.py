@@ -1,12 +1,13 @@
 """`helm install` of a whole micro run on a simulated cluster (tests/k8s_sim.py): the Helm-
 rendered objects are applied to kmock's API emulator on 127.0.0.1, every pod runs as a local
-process against moto's S3 server on 127.0.0.1, and the run completes in the order of its data:
-no workload exists before its inputs are committed. It runs once with each training operator:
-a PyTorchJob (training operator v1.9) and a TrainJob on the chart's torch runtime (Kubeflow
-Trainer v2). With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and
-one is killed, and still every shard is committed exactly once. The controller's Events,
-status ConfigMap and metrics follow the run. Then `helm uninstall` removes everything the run
-created, and installing again resumes from the store without recomputing anything."""
+process against an S3 server on 127.0.0.1, and the run completes in the order of its data:
+no workload exists before its inputs are committed. It runs once with each training operator,
+each on another S3 server: a PyTorchJob (training operator v1.9) on SeaweedFS (a real S3
+server) and a TrainJob on the chart's torch runtime (Kubeflow Trainer v2) on moto's emulator.
+With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and one is killed,
+and still every shard is committed exactly once. The controller's Events, status ConfigMap and
+metrics follow the run. Then `helm uninstall` removes everything the run created, and
+installing again resumes from the store without recomputing anything."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ INPUTS = {
 
 
 @pytest.fixture
-def s3():
-    """moto's S3 server, a versioned bucket (to count how often each object was written)."""
-    with s3_server(BUCKET, versioned=True) as server:
+def s3(request):
+    """An S3 server (request.param: moto or seaweedfs), a versioned bucket (to count how often
+    each object was written)."""
+    with s3_server(BUCKET, versioned=True, backend=request.param) as server:
         yield server
 
 
@@ -85,7 +87,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("operator", ["pytorchjob", "trainjob"])
+@pytest.mark.parametrize(("operator", "s3"), [("pytorchjob", "seaweedfs"), ("trainjob", "moto")], indirect=["s3"])
 async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, operator):
     s3_url, client = s3
     metrics_port = free_port()

@@ -12,25 +12,27 @@ from fusion.errors import NOT_READY_EXIT_CODE, FusionError
 from fusion.pipeline import open_run
 from fusion.store import Store
 from fusion.worker import run_worker
+from tests.s3 import S3_BACKENDS, s3_store
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", *S3_BACKENDS])
 def store(request, tmp_path):
     if request.param == "file":
         return Store(str(tmp_path / "run"))
-    return Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+    return s3_store(request, request.param)
 
 
 def test_one_holder_then_takeover_after_expiry(store):
-    a = leases.claim(store, "align", "src", 3, "a", ttl=1.0)
+    ttl = 3.0  # long enough for a few requests to a busy server while the lease is live
+    a = leases.claim(store, "align", "src", 3, "a", ttl=ttl)
     assert a is not None and a.generation == 1
-    assert leases.claim(store, "align", "src", 3, "b", ttl=1.0) is None  # live: leave it
+    assert leases.claim(store, "align", "src", 3, "b", ttl=ttl) is None  # live: leave it
     assert a.renew()
-    time.sleep(1.2)  # a stops renewing: its lease expires
-    b = leases.claim(store, "align", "src", 3, "b", ttl=1.0)
+    time.sleep(ttl + 0.3)  # a stops renewing: its lease expires
+    b = leases.claim(store, "align", "src", 3, "b", ttl=ttl)
     assert b is not None and b.generation == 2
     assert not a.renew() and a.lost  # a learns it was presumed dead
-    assert leases.claim(store, "align", "src", 3, "c", ttl=1.0) is None
+    assert leases.claim(store, "align", "src", 3, "c", ttl=ttl) is None
     b.finish()
     assert leases.newest_generations(store, "align", "src") == {}
 
@@ -48,10 +50,10 @@ def test_released_lease_is_free_at_once(store):
 
 
 def test_renewal_thread_keeps_the_lease(store):
-    a = leases.claim(store, "logits", "m", 2, "a", ttl=0.8)
+    a = leases.claim(store, "logits", "m", 2, "a", ttl=2.0)
     a.start_renewing()
-    time.sleep(1.6)
-    assert leases.claim(store, "logits", "m", 2, "b", ttl=0.8) is None
+    time.sleep(4.0)  # two ttls: renewed in time, or b would claim
+    assert leases.claim(store, "logits", "m", 2, "b", ttl=2.0) is None
     a.stop_renewing()
 
 
@@ -59,7 +61,7 @@ def test_worker_refuses_another_configuration(micro, tmp_path):
     spec = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12})
     run_worker(open_run(parse_spec(spec)), "split", log=lambda *a, **k: None)
     changed = micro.spec(str(tmp_path / "run"), **{"split.shard_blocks": 12, "split.block_tokens": 60})
-    with pytest.raises(FusionError, match="split/_plan.json was made with config hash"):
+    with pytest.raises(FusionError, match="the run spec changed mid-run"):
         run_worker(open_run(parse_spec(changed)), "split", log=lambda *a, **k: None)
     # a record of another configuration among this one's is refused too
     run = open_run(parse_spec(spec))

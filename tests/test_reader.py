@@ -14,6 +14,7 @@ from fusion.stages import fuse
 from fusion.store import Store
 from fusion.training import data
 from fusion.training.data import PackedReader, epoch_order
+from tests.s3 import S3_BACKENDS, s3_store
 
 BOS, PAD, VOCAB = 1, 0, 3000
 
@@ -44,13 +45,13 @@ def write(store: Store, parts) -> None:
     shards.commit_part(store, "fuse", "train", len(parts), "h")
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", *S3_BACKENDS])
 def packed_store(request, tmp_path):
     """A committed fuse part of 5 shards of 7..19 blocks, and the data that was packed."""
     if request.param == "file":
         store = Store(str(tmp_path / "run"))
     else:
-        store = Store(f"s3://{request.getfixturevalue('s3_bucket')}/run", request.getfixturevalue("s3_options"))
+        store = s3_store(request, request.param)
     parts = [synthetic_shard(i, 7 + 3 * i) for i in range(5)]
     write(store, parts)
     return store, parts

@@ -21,7 +21,7 @@ from fusion.pipeline import open_run
 from fusion.run import Run
 from fusion.stages import logits
 from fusion.worker import run_worker
-from tests.s3 import FaultyProxy
+from tests.s3 import FaultyProxy, record_puts
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE, PART = "logits", "target"
@@ -119,13 +119,8 @@ def test_pool_with_kills_and_faults(micro, s3_endpoint, s3_bucket, tmp_path, fau
                 assert p.returncode == 0, logs[i].read_text()[-3000:]
         # every shard committed, its record written exactly once, the part committed once
         assert shards.is_part_committed(pool.store, STAGE, PART, pool.hash(STAGE, PART))
-        record_puts = {}
-        for method, path, status in proxy.writes:
-            name = path.rsplit("/", 1)[-1]
-            is_record = name.startswith(("shard-", "_COMMITTED")) and name.endswith(".json")
-            if method == "PUT" and status == 200 and is_record and path.endswith(f"/pool/{STAGE}/{PART}/{name}"):
-                record_puts[path] = record_puts.get(path, 0) + 1
-        assert len(record_puts) == n_shards + 1 and set(record_puts.values()) == {1}, record_puts
+        puts = record_puts(proxy.writes, f"/pool/{STAGE}/{PART}/")
+        assert len(puts) == n_shards + 1 and set(puts.values()) == {1}, puts
         # the same bytes as the single worker, and nothing left behind
         got = objects_of(pool)
         assert got == expected

@@ -12,12 +12,15 @@ import uuid
 from fusion.config import load_spec
 from fusion.errors import FusionError
 from fusion.run import RUN_RECORD, Run
+
+CHECK_WAIT_SECONDS = 20.0
 from fusion.status import format_status, status
 
 
 def main(spec_path: str) -> int:
     spec = load_spec(spec_path)
     store = Run(spec).store  # the spec's store and store_options, reached as every stage reaches them
+    store.outage_seconds = min(store.outage_seconds, CHECK_WAIT_SECONDS)  # `helm test` answers soon
     probe = f"logs/probe-{uuid.uuid4().hex}.json"
     token = {"probe": probe}
     try:
@@ -25,10 +28,8 @@ def main(spec_path: str) -> int:
         if store.read_json(probe) != token:
             raise FusionError(f"{store.uri(probe)}: read back something else than was written")
         store.remove(probe)
-    except FusionError:
-        raise
-    except Exception as e:  # no such bucket, access denied, endpoint unreachable: botocore and OS errors alike
-        raise FusionError(f"store {store.url} is not usable from this pod: {type(e).__name__}: {e}") from None
+    except FusionError as e:  # no such bucket, access refused, unreachable (the store names which)
+        raise type(e)(f"store {store.url} is not usable from this pod: {e}") from None
     print(f"run spec {spec_path}: valid (run '{spec.name}', {len(spec.models.sources)} source(s))")
     print(f"store {store.url}: reachable and writable")
     if store.exists(RUN_RECORD):

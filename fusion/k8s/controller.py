@@ -203,8 +203,9 @@ def load_workloads(path: Path, run: Run) -> list[Workload]:
 
 # ---- the controller -----------------------------------------------------------------------------
 class Controller:
-    def __init__(self, run: Run, workloads: list[Workload], kube: Kube, job_name: str, observer=None):
+    def __init__(self, run: Run, workloads: list[Workload], kube: Kube, job_name: str, observer=None, spec_path=None):
         self.run = run
+        self.spec_path = spec_path  # the mounted run spec, read again every pass (refuse_a_changed_spec)
         self.observer = observer  # fusion.k8s.observe.Observer, or None
         self.store = run.store
         self.workloads = workloads
@@ -337,8 +338,24 @@ class Controller:
         return condition(obj, SUCCEEDED[w.kind]) is not None
 
     # -- the loop ----------------------------------------------------------------------------
+    def refuse_a_changed_spec(self) -> None:
+        """A `helm upgrade` that changes the run spec mid-run is refused: the kubelet updates the
+        mounted spec, which no longer matches the one this run started with. The controller
+        stops (exit 3), and every pod started with the new spec refuses to work too
+        (fusion/ownership.py), so nothing runs half-upgraded."""
+        current = Run(load_spec(self.spec_path)).owner()["spec_hash"]
+        started = self.run.owner()["spec_hash"]
+        if current != started:
+            raise FusionError(
+                f"the run spec {self.spec_path} changed mid-run (spec hash {started} -> {current}: helm upgrade?): "
+                "refused, nothing was started with it; restore the previous values and install again to resume, "
+                "or install the changed run under another store prefix"
+            )
+
     def step(self) -> bool:
         """One pass; True once every output of the run is committed."""
+        if self.spec_path is not None:
+            self.refuse_a_changed_spec()
         if self.outputs is None:
             if not self.follow(self.workloads[0]):
                 return False
@@ -392,7 +409,7 @@ def main(spec_path: str, workloads_path: str, job_name: str, namespace: str | No
     if metrics is not None:
         log(f"metrics on :{metrics.port}/metrics")
     try:
-        Controller(run, load_workloads(Path(workloads_path), run), kube, job_name, observer).loop(poll_seconds)
+        Controller(run, load_workloads(Path(workloads_path), run), kube, job_name, observer, spec_path).loop(poll_seconds)
     finally:
         if metrics is not None:
             metrics.close()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from fusion import models, shards
-from fusion.errors import FusionError
+from fusion.errors import FusionError, PeersLost
 from fusion.progress import bar
 from fusion.run import Run
 from fusion.stages import Stage
@@ -63,12 +63,17 @@ def shard_count(run: Run, part: str) -> int:
 def run_shard(run: Run, part: str, index: int) -> None:
     world = distributed.init(run.spec.train.engine)
     stop, previous_handler = checkpoint.watch_sigterm()
+    lost = False
     try:
         with tempfile.TemporaryDirectory(prefix=f"fusion-train-rank{world.rank}-") as scratch:
-            train(run, world, stop, Path(scratch))
+            with distributed.peers_lost_exit(world):
+                train(run, world, stop, Path(scratch))
+    except PeersLost:
+        lost = True
+        raise
     finally:
         checkpoint.unwatch_sigterm(previous_handler)
-        distributed.close(world)
+        distributed.close(world, peers_lost=lost)
 
 
 # ---- setup and the step loop ---------------------------------------------------------------------

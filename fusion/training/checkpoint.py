@@ -3,13 +3,15 @@
     train/checkpoints/step-0000040/engine/...       engine state files of every rank
     train/checkpoints/step-0000040/rank-00001.pt    one rank's data position and RNG states
     train/checkpoints/step-0000040/trainer.json     the step log so far and the skipped blocks
+    train/checkpoints/step-0000040/writer.json      who writes it (run id, config hash): written first
     train/checkpoints/latest.json                   names the newest complete checkpoint
 
 Saving: every rank writes its engine state into a local scratch folder and uploads the files
 (names never collide: DeepSpeed puts the rank into each file name), then rank 0 writes
 trainer.json and, once every rank is done, latest.json. latest.json is the commit: a process
 killed at any moment leaves it naming a complete checkpoint. Checkpoints beyond the newest
-`train.keep_checkpoints` are deleted afterwards.
+`train.keep_checkpoints` are deleted afterwards, but only those whose writer.json names this
+trainer's run and config: a trainer never deletes checkpoints it did not write.
 
 Resuming: every rank fetches the engine files it needs (of DeepSpeed's `zero_pp_rank_N_` files
 only its own), restores its RNG states and data position, and the run continues exactly as an
@@ -41,6 +43,7 @@ from fusion.training.distributed import World
 
 CHECKPOINTS = "train/checkpoints"
 LATEST = f"{CHECKPOINTS}/latest.json"
+WRITER = "writer.json"  # in each checkpoint, written first: who writes it (`writer`)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what the pod would report had it been killed by it
 
 
@@ -86,12 +89,15 @@ def save(run: Run, world: World, eng: engine.Engine, reader, state: TrainerState
 
     store, rel = run.store, step_dir(state.step)
     if world.main:
-        store.remove(rel)  # debris of a save that was killed before its latest.json
+        if not is_mine(run, state.step, missing_is_mine=True):
+            raise FusionError(f"{store.uri(rel)}: written by another run ({store.read_json(f'{rel}/{WRITER}')}); not overwritten")
+        store.remove(rel)  # debris of a save of ours that was killed before its latest.json
+        store.write_json(f"{rel}/{WRITER}", writer(run))  # first: whatever lands here after is known to be ours
     distributed.barrier(world)
     local = scratch / f"save-{state.step}"
     eng.save(local / "engine")
     for f in sorted(p for p in (local / "engine").rglob("*") if p.is_file()):
-        store.fs.put_file(str(f), store.path(f"{rel}/engine/{f.relative_to(local / 'engine').as_posix()}"))
+        store.put_file(f, f"{rel}/engine/{f.relative_to(local / 'engine').as_posix()}")
     buf = io.BytesIO()
     torch.save({"data": reader.state_dict(), "rng": rng_state()}, buf)
     store.write_bytes(f"{rel}/{rank_file(world.rank)}", buf.getvalue())
@@ -113,12 +119,25 @@ def save(run: Run, world: World, eng: engine.Engine, reader, state: TrainerState
         prune(run, state.step, run.spec.train.keep_checkpoints)
 
 
+def writer(run: Run) -> dict:
+    """Who writes a checkpoint: the run (its run id, fusion/ownership.py) and the config hash of
+    its training. A trainer deletes only checkpoints that name it."""
+    return {"run_id": run.owner()["run_id"], "config_hash": run.hash("train", "model")}
+
+
+def is_mine(run: Run, step: int, missing_is_mine: bool = False) -> bool:
+    found = run.store.read_json(f"{step_dir(step)}/{WRITER}")
+    return missing_is_mine if found is None else found == writer(run)
+
+
 def prune(run: Run, latest: int, keep: int) -> None:
-    """Delete checkpoints older than the newest `keep`, and any newer than latest.json (debris)."""
+    """Delete this trainer's checkpoints older than the newest `keep`, and any of its own newer
+    than latest.json (debris). Checkpoints another writer left (or one without writer.json,
+    written before writers were recorded) are never deleted."""
     steps = sorted(int(m.group(1)) for name in run.store.list(CHECKPOINTS) if (m := re.fullmatch(r"step-(\d+)", name)))
     kept = [s for s in steps if s <= latest][-keep:]
     for s in steps:
-        if s not in kept:
+        if s not in kept and is_mine(run, s):
             run.store.remove(step_dir(s))
 
 
@@ -165,15 +184,11 @@ def _fetch_engine_files(run: Run, rel: str, rank: int, local: Path) -> Path:
     direct = run.store.local_path(rel)
     if direct is not None:
         return direct
-    root = run.store.path(rel)
-    for path in run.store.fs.find(root):
-        name = path[len(root) + 1 :]
+    for name in run.store.find(rel):
         m = re.search(r"zero_pp_rank_(\d+)_", Path(name).name)
         if m and int(m.group(1)) != rank:
             continue  # another rank's ZeRO partition
-        dest = local / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        run.store.fs.get_file(path, str(dest))
+        run.store.get_file(f"{rel}/{name}", local / name)
     return local
 
 

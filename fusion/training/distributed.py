@@ -11,8 +11,10 @@ or PET_MASTER_ADDR:PET_MASTER_PORT (c10d rendezvous), each starts PET_NPROC_PER_
 workers running `fusion train SPEC` again, now with torchrun's RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT, from which `init` builds the process group (NCCL on GPUs, gloo on
 CPUs). No ssh, no hostfile: nothing but the environment. `launch` returns the exit code of the
-first failed worker (3: bad input, do not retry; 143: preempted), which torchrun itself would
-flatten to 1. The same thing with torchrun as the container command (`TORCHRUN_COMMAND`, with
+first failed worker (3: bad input, do not retry; 143: preempted; 201: its peers went away),
+which torchrun itself would flatten to 1, and 201 when the rendezvous itself fails (the master
+pod is gone). 201 is 128 or more, so the training operator restarts the pod (restartPolicy
+ExitCode) and training resumes from the newest checkpoint. The same thing with torchrun as the container command (`TORCHRUN_COMMAND`, with
 Kubernetes' $(VAR) expansion) works as well, with torchrun's exit codes.
 
 Without torchrun and with train.engine=torch, the world is one plain process.
@@ -20,11 +22,13 @@ Without torchrun and with train.engine=torch, the world is one plain process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
-from fusion.errors import FusionError
+from fusion.errors import PEER_LOST_EXIT_CODE, FusionError, PeersLost
 
 TORCHRUN_COMMAND = (
     "torchrun --nnodes=$(PET_NNODES) --nproc-per-node=$(PET_NPROC_PER_NODE) --rdzv-backend=c10d "
@@ -71,7 +75,53 @@ def launch(worker_args: list[str]) -> int:
         return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode
     except SignalException as e:
         return 128 + int(e.sigval)
+    except Exception as e:
+        if not _is_peer_loss(e, agent=True):
+            raise
+        print(f"fusion: training agent lost its peers ({_short(e)}); exit {PEER_LOST_EXIT_CODE}: restart the pods, "
+              "they resume from the newest checkpoint", file=sys.stderr, flush=True)
+        return PEER_LOST_EXIT_CODE
     return 0
+
+
+# Messages of gloo and NCCL when the process on the other end went away (a pod or node lost).
+PEER_LOSS_MESSAGES = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+    "timed out", "timeout", "nccl communicator was aborted", "no route to host",
+)  # fmt: skip
+
+
+def _is_peer_loss(e: BaseException, agent: bool = False) -> bool:
+    """Whether an error says that the other training processes went away: the rendezvous
+    failed (the agent), a collective's peer disconnected (a worker)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):  # DistNetworkError, DistStoreError, DistBackendError
+        return True
+    if agent:
+        from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+        if isinstance(e, RendezvousError):
+            return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in PEER_LOSS_MESSAGES)
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+@contextlib.contextmanager
+def peers_lost_exit(world: "World"):
+    """In a distributed world, a peer that went away mid-training (its pod or node lost) is
+    PeersLost (exit PEER_LOST_EXIT_CODE, restarted by the training operator), not a crash that
+    fails the job: the restarted pods resume from the newest checkpoint."""
+    try:
+        yield
+    except Exception as e:
+        if world.distributed and _is_peer_loss(e):
+            raise PeersLost(f"rank {world.rank} lost the other training processes ({_short(e)}): restart the "
+                            "training pods, they resume from the newest checkpoint") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -161,8 +211,8 @@ def barrier(world: World) -> None:
         torch.distributed.barrier()
 
 
-def close(world: World) -> None:
-    if world.distributed:
+def close(world: World, peers_lost: bool = False) -> None:
+    if world.distributed and not peers_lost:  # with the peers gone, tearing down could wait for them
         import torch
 
         if torch.distributed.is_initialized():

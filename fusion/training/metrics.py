@@ -85,7 +85,7 @@ def sync(run: Run, board: Board | None) -> None:
     if board.remote:
         for f in sorted(board.folder.rglob("*")):
             if f.is_file():
-                run.store.fs.put_file(str(f), run.store.path(f"{TENSORBOARD}/{f.relative_to(board.folder).as_posix()}"))
+                run.store.put_file(f, f"{TENSORBOARD}/{f.relative_to(board.folder).as_posix()}")
 
 
 def close(run: Run, board: Board | None) -> None:

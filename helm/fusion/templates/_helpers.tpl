@@ -203,6 +203,9 @@ spec:
               fieldPath: metadata.namespace
         - name: HOME
           value: /tmp
+        # the run's identity in run.json (fusion/ownership.py): another release never writes here
+        - name: FUSION_RUN_ID
+          value: {{ $root.Release.Name | quote }}
         - name: TQDM_DISABLE
           value: "1"
         - name: HF_HUB_OFFLINE

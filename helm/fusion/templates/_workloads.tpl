@@ -60,6 +60,13 @@ spec:
           containerName: fusion
           operator: In
           values: [3]
+      # 200: the store stayed unreachable past store_options.outage_seconds (fusion.errors.
+      # STORE_UNREACHABLE_EXIT_CODE). Nothing is lost; an outage does not use up backoffLimit.
+      - action: Ignore
+        onExitCodes:
+          containerName: fusion
+          operator: In
+          values: [200]
       {{- if eq .mode "workers" }}
       # 143 = SIGTERM: a worker removed by a scale-down (or a drain) is no failure; its shard
       # goes to another worker once the lease is released or expires (leaseSeconds).
@@ -178,7 +185,8 @@ spec:
     {{- if not $s.elastic.enabled }}
     Master:
       replicas: 1
-      # ExitCode: 1-127 (bad input is 3) fail the job, 128+ (killed, preempted) restart the pod.
+      # ExitCode: 1-127 (bad input is 3) fail the job, 128+ (killed, preempted; 200 store
+      # unreachable, 201 peers lost: fusion/errors.py) restart the pod, which resumes.
       restartPolicy: ExitCode
       template:
         {{- include "fusion.podTemplate" $pod | nindent 8 }}
