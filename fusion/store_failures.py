@@ -23,8 +23,12 @@ ACCESS_CODES = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
     "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "InvalidClientTokenId",
 }  # fmt: skip
-# S3 error codes of a server that is there but cannot serve now
-BUSY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException"}
+# S3 error codes of a server that is there but cannot serve now (a conditional write that kept
+# meeting concurrent ones, 409 ConditionalRequestConflict, included: it is waited out, not fatal)
+BUSY_CODES = {
+    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException",
+    "ConditionalRequestConflict", "OperationAborted",
+}  # fmt: skip
 # local OSErrors a user causes with the store path: (errno -> what to say)
 LOCAL_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
@@ -69,7 +73,7 @@ def classify(e: BaseException) -> Failure | None:
             return Failure(False, "the bucket does not exist")
         if code in ACCESS_CODES or status in (401, 403):
             return Failure(False, f"access refused ({code or status}): check the credentials and the bucket's policy")
-        if code in BUSY_CODES or (status is not None and status >= 500):
+        if code in BUSY_CODES or status == 409 or (status is not None and status >= 500):
             return Failure(True, f"{code or status} from the server")
         return Failure(False, f"the server refused the request ({code or status}: {_message(e)})")
     botocore_failure = _botocore(e)

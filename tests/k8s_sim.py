@@ -17,7 +17,8 @@ HTTP). The test plays the cluster's other parts, each through that API, as the r
   would give it (env, fieldRef and secretKeyRef resolved, the service account's API access
   as a kubeconfig), its volumes as local folders. A container's paths under a volume's
   mountPath (in args, env values, workingDir) are mapped to that folder; everything else
-  of the filesystem is this machine's. Deleting a pod sends SIGTERM, then SIGKILL.
+  of the filesystem is this machine's. Deleting a pod sends SIGTERM, then SIGKILL; losing a
+  node (lose_node) kills the pod's processes outright.
 
 The image's entrypoint is the `fusion` CLI; `fusion` and `torchrun` run from this checkout
 (PYTHONPATH), so the code under test is the code in the pods.
@@ -570,6 +571,15 @@ class Cluster:
             secret = await self.get("Secret", ref["name"])
             return base64.b64decode(secret["data"][ref["key"]]).decode()
         raise ValueError(f"unsupported env source {source}")
+
+    async def lose_node(self, pod_name: str) -> None:
+        """The node under a pod is lost: every process of the pod dies at once, with no SIGTERM
+        and no grace (SIGKILL to the container's process group). The kubelet then reports the
+        container as exited 137, as a real one does for a container killed outright."""
+        pod = await self.get("Pod", pod_name)
+        p = self.processes[pod["metadata"]["uid"]]
+        os.killpg(p.proc.pid, signal.SIGKILL)
+        self.event(f"node of pod {pod_name} lost: its processes killed")
 
     def logs(self, prefix: str) -> str:
         return "\n".join(

@@ -8,7 +8,8 @@ The proxy's faults, each drawn with its share of `rate`:
            does not know: a retried conditional PUT then meets its own object)
 - stall:   forward, then send nothing for `stall_seconds` and close (the client times out)
 and, on demand, 409 ConditionalRequestConflict to the next `conflicts` conditional PUTs (what S3
-answers while another conditional write to the key is in flight).
+answers while another conditional write to the key is in flight), and 503 ServiceUnavailable to
+every request while `down` is set (an outage of the server behind it).
 """
 
 from __future__ import annotations
@@ -133,13 +134,14 @@ class SeaweedFS:
     def command(self) -> list[str]:
         p = self.ports
         return [
-            self.binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir / 'data'}",
+            self.binary, "-logtostderr", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.dir / 'data'}",
             "-volume.max=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={self.dir / 's3.json'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={self.dir / 'filer.sock'}", f"-s3.localSocket={self.dir / 's3.sock'}",
         ]
 
     def start(self, timeout: float = 60.0) -> "SeaweedFS":
@@ -176,6 +178,10 @@ class SeaweedFS:
         self.stop()
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+        # the gRPC sockets have no flag: weed names them /tmp/seaweedfs-<service>-grpc-<port>.sock
+        for name, port in self.ports.items():
+            if name.endswith(".grpc"):
+                Path(tempfile.gettempdir(), f"seaweedfs-{name.split('.')[0]}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
 class FaultyProxy:
@@ -187,6 +193,7 @@ class FaultyProxy:
         self.writes: list[tuple[str, str, int]] = []  # (method, path, upstream status) of PUT/DELETE
         self.enabled = True
         self.conflicts = 0  # answer this many next conditional PUTs with 409 ConditionalRequestConflict
+        self.down = False  # while set, answer every request 503 ServiceUnavailable (an outage)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -231,18 +238,20 @@ class FaultyProxy:
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
+        if self.down:
+            return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"ServiceUnavailable"), head=h.command == "HEAD")
         if h.command == "PUT" and h.headers.get("If-None-Match") == "*" and self._take_conflict():
             code = b"ConditionalRequestConflict"
-            return _reply(h, 409, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", code))
+            return _reply(h, 409, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", code), head=h.command == "HEAD")
         fault = self._draw()
         if fault == "refuse":
-            return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"SlowDown"))
+            return _reply(h, 503, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"SlowDown"), head=h.command == "HEAD")
         status, headers, payload = self._forward(h, body)
         if h.command in ("PUT", "DELETE"):
             with self.lock:
                 self.writes.append((h.command, h.path.split("?")[0], status))
         if fault == "lose":
-            return _reply(h, 500, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"InternalError"))
+            return _reply(h, 500, {"Content-Type": "application/xml"}, ERROR_BODY.replace(b"{code}", b"InternalError"), head=h.command == "HEAD")
         if fault == "stall":
             time.sleep(self.stall_seconds)
             h.close_connection = True

@@ -41,7 +41,7 @@ def spec(store: str) -> dict:
 class Setup:
     """A run, its workloads from the chart, a controller talking to the emulator."""
 
-    def __init__(self, api, url: str, tmp_path, monkeypatch):
+    def __init__(self, api, url: str, tmp_path, monkeypatch, store: str | None = None, store_options: dict | None = None):
         self.api = api
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(
@@ -58,7 +58,10 @@ class Setup:
         )
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        self.run = Run(parse_spec(spec(str(tmp_path / "store"))))
+        run_spec = spec(store or str(tmp_path / "store"))
+        if store_options:
+            run_spec["store_options"] = store_options
+        self.run = Run(parse_spec(run_spec))
         rendered = render(spec("s3://runs/ctl"), IMAGES, release="ctl", namespace=NAMESPACE)
         workloads_yaml = tmp_path / "workloads.yaml"
         workloads_yaml.write_text(rendered.configmap["data"]["workloads.yaml"])

@@ -5,7 +5,8 @@ no workload exists before its inputs are committed. It runs once with each train
 each on another S3 server: a PyTorchJob (training operator v1.9) on SeaweedFS (a real S3
 server) and a TrainJob on the chart's torch runtime (Kubeflow Trainer v2) on moto's emulator.
 With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and one is killed,
-and still every shard is committed exactly once. The controller's Events, status ConfigMap and
+and still every shard is committed exactly once; then the training master's node is lost after a
+checkpoint, and training resumes from it. The controller's Events, status ConfigMap and
 metrics follow the run. Then `helm uninstall` removes everything the run created, and
 installing again resumes from the store without recomputing anything."""
 
@@ -19,6 +20,7 @@ import kmock
 import pytest
 
 from fusion.config import TrainSpec
+from fusion.errors import PEER_LOST_EXIT_CODE
 from tests.helmchart import IMAGES, merge_values, render
 from tests.k8s_sim import ApiServer, Cluster, free_port, kubectl_views, s3_server, secret, timeline, until
 
@@ -91,7 +93,9 @@ def scrape(port: int) -> dict[str, float]:
 async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, operator):
     s3_url, client = s3
     metrics_port = free_port()
-    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": 1000})
+    # With the PyTorchJob a training node is lost mid-training: checkpoints every 20 of its ~100 steps.
+    checkpoint_every = 20 if operator == "pytorchjob" else 1000
+    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": checkpoint_every})
     spec["store_options"] = {"endpoint_url": s3_url, "region": "us-east-1"}  # what every pod and the controller use
     nodes = 1
     if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
@@ -172,6 +176,15 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
                 await cluster.patch("Job", align, {"spec": {"parallelism": 2}})
                 cluster.event(f"kubectl patch job {align} parallelism 2")
 
+            master = f"{RELEASE}-train-master-0"
+            if operator == "pytorchjob":
+                # The master's node is lost after the first checkpoint: its processes die outright
+                # (137), the worker loses its peer (201, retryable), the training operator restarts
+                # both, and training resumes from that checkpoint (same with either operator: once).
+                latest = "micro/train/checkpoints/latest.json"
+                await until(cluster, lambda: progress(lambda: _exists_async(client, latest)), 600, "the first checkpoint")
+                await cluster.lose_node(master)
+
             controller = f"{RELEASE}-controller"
             await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 600, "the run to end")
             final = await job(controller)
@@ -190,6 +203,15 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/src-llama/shard-\d{5}\.json$", k)}
             assert len(records) == shards and set(records.values()) == {1}, f"align records written more than once: {records}"
             assert not [k for k in versions(client, "micro/align/") if "/_leases/" in k and _exists(client, k)], "a lease was left behind"
+
+            if operator == "pytorchjob":
+                told = "\n".join(message for _, message in cluster.events)
+                assert f"{master} exited 137, restarting it" in told, timeline(cluster)
+                assert f"{RELEASE}-train-worker-0 exited {PEER_LOST_EXIT_CODE}, restarting it" in told, timeline(cluster)
+                resumed = re.search(r"steps from step (\d+)", cluster.logs(master))
+                assert resumed and int(resumed.group(1)) >= checkpoint_every, cluster.logs(f"{RELEASE}-train")
+                model = versions(client, "micro/train/model/")
+                assert model and set(model.values()) == {1}, f"the fused model was written more than once: {model}"
 
             # What an operator sees: the training workload of this operator, an Event for every
             # workload created and every part committed, and the status ConfigMap complete.
@@ -246,6 +268,10 @@ async def _condition(job_coro, *types):
     job = await job_coro
     conditions = (job or {}).get("status", {}).get("conditions") or []
     return any(c["type"] in types and c["status"] == "True" for c in conditions)
+
+
+async def _exists_async(client, key: str) -> bool:
+    return _exists(client, key)
 
 
 def _exists(client, key: str) -> bool:

@@ -2,7 +2,7 @@
 and started again on the same data 20 s later. The workers wait (one log line a minute, capped
 back-off), then continue: every shard committed, each record PUT exactly once (counted at a
 proxy in front of the server), the same bytes as a fault-free run. bench/outage.py does the same
-with minutes-long outages and the whole pipeline."""
+with minutes-long outages and the whole pipeline. The controller waits the same way."""
 
 from __future__ import annotations
 
@@ -78,3 +78,43 @@ def test_workers_wait_out_an_outage(micro, s3_servers, tmp_path):
     finally:
         proxy.stop()
         server.close()
+
+
+@pytest.mark.asyncio
+async def test_the_controller_waits_out_an_outage(s3_servers, tmp_path, monkeypatch, capfd):
+    """The controller's store (behind a proxy to SeaweedFS) answers nothing but 503 for a few
+    seconds while the controller takes a step: the step waits, says so once, and creates the
+    next workloads once the store answers."""
+    import asyncio
+
+    import kmock
+
+    from tests.k8s_sim import ApiServer
+    from tests.test_controller import NAMESPACE, Setup
+
+    endpoint = s3_servers.endpoint("seaweedfs")
+    proxy = FaultyProxy(endpoint, rate=0.0)
+    try:
+        bucket = new_bucket(endpoint, "ctl-outage")
+        options = {"endpoint_url": proxy.url, "connect_timeout": 2, "read_timeout": 5, "max_attempts": 2}
+        async with ApiServer() as api, kmock.Server(api) as server:
+            s = Setup(api, str(server.url).rstrip("/"), tmp_path, monkeypatch, f"s3://{bucket}/ctl", options)
+            async with api.clients[0].post(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", json=s.controller_job) as r:
+                assert r.status == 200
+            await s.step()
+            s.prepare_done()
+            await s.finish("Job", "ctl-prepare")
+            capfd.readouterr()
+
+            proxy.down = True
+            step = asyncio.ensure_future(s.step())
+            await asyncio.sleep(6)
+            assert not step.done(), "the controller went on without its store"
+            proxy.down = False
+            await asyncio.wait_for(step, 60)
+            assert {"ctl-split", "ctl-vocab-src-llama", "ctl-vocab-src-neox"} <= set(s.objects("Job"))
+            err = capfd.readouterr().err
+            assert err.count(f"store s3://{bucket}/ctl: unreachable (") == 1, err
+            assert f"store s3://{bucket}/ctl: reachable again after " in err
+    finally:
+        proxy.stop()

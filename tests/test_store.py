@@ -148,3 +148,18 @@ def test_create_retries_a_conflict(s3_endpoint, s3_bucket):
         assert proxy.conflicts == 0 and store.read_bytes("a.json") == b"1"
     finally:
         proxy.stop()
+
+
+def test_create_waits_out_a_long_run_of_conflicts(s3_endpoint, s3_bucket):
+    """More 409s in a row than the quick retries: a busy server, waited out like an outage
+    (not refused as bad input); the write then lands once."""
+    from fusion.store import CONFLICT_RETRIES
+
+    proxy = FaultyProxy(s3_endpoint, rate=0.0)
+    try:
+        store = Store(f"s3://{s3_bucket}/run", options_for(proxy.url))
+        proxy.conflicts = CONFLICT_RETRIES + 3
+        assert store.create("b.json", b"1")
+        assert proxy.conflicts == 0 and store.read_bytes("b.json") == b"1"
+    finally:
+        proxy.stop()

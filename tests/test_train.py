@@ -28,6 +28,7 @@ from fusion.run import Run
 from fusion.stages import train
 from fusion.training import data, distributed, engine
 from tests.packed import write_packed
+from tests.s3 import S3_BACKENDS, new_bucket, options_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "train/model/shard-00000.files"
@@ -207,11 +208,20 @@ def test_micro_batching_does_not_change_the_result(reference, micro, tmp_path):
     assert_close_logs(log_of(tmp_path / "whole"), log_of(reference[1]), rel=1e-5)
 
 
-def test_resume_from_a_remote_store_is_bitwise(micro, tmp_path):
-    """A run on a non-local store (memory://: files go through upload and download), cut back
-    to its step-4 checkpoint as if killed right after it, continues bitwise."""
-    url = f"memory://resume-{os.getpid()}"
-    run = make_run(micro, url, **{"train.keep_checkpoints": 10})
+@pytest.mark.parametrize("backend", ["memory", *S3_BACKENDS])
+def test_resume_from_a_remote_store_is_bitwise(micro, tmp_path, request, backend):
+    """A run on a non-local store (memory://, moto's S3 emulator, SeaweedFS: files go through
+    upload and download), cut back to its step-4 checkpoint as if killed right after it (16 of
+    its 36 blocks read, from shards of 12), continues bitwise."""
+    settings = {**SETTINGS, "train.keep_checkpoints": 10}
+    if backend == "memory":
+        spec = micro.spec(f"memory://resume-{os.getpid()}", **settings)
+    else:
+        endpoint = request.getfixturevalue("s3_servers").endpoint(backend)
+        spec = micro.spec(f"s3://{new_bucket(endpoint, 'resume')}/run", **settings)
+        spec["store_options"] = options_for(endpoint).model_dump(exclude_none=True)
+    run = open_run(parse_spec(spec))
+    write_packed(run, blocks_per_shard=12)
     train.run_shard(run, train.PART, 0)
     store = run.store
     full = json.loads(store.read_bytes(f"{MODEL}/train_log.json"))
