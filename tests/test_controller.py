@@ -263,6 +263,29 @@ async def test_leftovers_of_an_earlier_install_are_replaced(setup):
     assert methods[methods.index("DELETE") :][:3] == ["DELETE", "GET", "POST"], "deleted, then created"
 
 
+async def test_a_restarted_controller_takes_over_the_running_workloads(setup):
+    """The controller's pod restarted mid-run (its node drained): the new process finds the
+    workloads the old one created, keeps them (same uids, nothing created twice) and goes on."""
+    s = setup
+    await s.step()
+    s.prepare_done()
+    await s.finish("Job", "ctl-prepare")
+    await s.step()
+    before = {name: job["metadata"]["uid"] for name, job in s.objects("Job").items()}
+    assert {"ctl-split", "ctl-vocab-src-llama", "ctl-vocab-src-neox"} <= set(before)
+
+    s.controller = Controller(s.run, s.workloads, Kube(NAMESPACE), "ctl-controller")  # a new process
+    await s.step()
+    assert {name: job["metadata"]["uid"] for name, job in s.objects("Job").items()} == before
+    for part in ("train", "heldout"):
+        s.write_shards("split", part)
+    await s.finish("Job", "ctl-split")
+    await s.step()
+    await s.step()
+    assert {f"ctl-logits-{m}" for m in MODELS} <= set(s.objects("Job")), "the new controller carries the run on"
+    assert {name: s.objects("Job")[name]["metadata"]["uid"] for name in before} == before
+
+
 async def test_a_cluster_without_the_training_operator_is_explained(setup):
     s = setup
     s.api["post", "/apis/kubeflow.org/v1/namespaces/fusion/pytorchjobs"] << kmock.KubernetesNotFoundError

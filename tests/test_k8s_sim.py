@@ -240,7 +240,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             async def nothing_left():
                 return not any([await cluster.list(kind) for kind in (*WORKLOAD_KINDS, "Pod", "ConfigMap", "ClusterTrainingRuntime", "Service")])
 
-            await until(cluster, nothing_left, 60, "uninstall to remove everything")
+            await until(cluster, nothing_left, 240, "uninstall to remove everything")
 
             if operator != "pytorchjob":
                 return  # resuming is the same with either operator: once is enough

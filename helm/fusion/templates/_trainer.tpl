@@ -107,7 +107,10 @@ spec:
 {{/*
 The chart's own torch runtime: the JobSet of `numNodes` node pods the TrainJob runs, each the
 full fusion pod template. A node Job fails at once on bad input (exit 3, podFailurePolicy),
-and then so does the JobSet; any other failure (a killed or preempted pod: 128+) restarts the
+and then so does the JobSet. A pod that exits 200 (the store stayed unreachable) or 201 (its
+peers went away: a lost node) is replaced without counting as a failure, as with the
+PyTorchJob's restartPolicy ExitCode, whose restarts the training operator does not count
+against backoffLimit either. Any other failure (a killed or preempted pod: 128+) restarts the
 JobSet, at most backoffLimit times, and training resumes from its newest checkpoint.
 */}}
 {{- define "fusion.trainingRuntime" -}}
@@ -156,6 +159,11 @@ spec:
                       containerName: node
                       operator: In
                       values: [3]
+                  - action: Ignore
+                    onExitCodes:
+                      containerName: node
+                      operator: In
+                      values: [200, 201]
               template:
                 {{- include "fusion.podTemplate" $pod | nindent 16 }}
 {{- end }}
