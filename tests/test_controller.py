@@ -391,6 +391,20 @@ async def test_every_transition_is_an_event_and_the_status_stays_current(observe
     assert "last error: Job ctl-vocab-src-neox failed" in status["summary"]
 
 
+async def test_a_failure_before_prepare_completes_is_a_run_failed_event(observed):
+    s = observed
+    await s.step()
+    await s.finish("Job", "ctl-prepare", "Failed", reason="BackoffLimitExceeded", message="the corpus is missing")
+    with pytest.raises(FusionError, match="Job ctl-prepare failed"):
+        await asyncio.to_thread(s.controller.loop, 0.01)
+    warnings = [e for e in _events(s) if e["type"] == "Warning"]
+    assert {(e["involvedObject"]["name"], e["reason"]) for e in warnings} == {("ctl-prepare", "WorkloadFailed"), ("ctl-controller", "RunFailed")}
+    (run_failed,) = [e for e in warnings if e["reason"] == "RunFailed"]
+    assert run_failed["involvedObject"]["uid"] == s.objects("Job")["ctl-controller"]["metadata"]["uid"]
+    assert "the corpus is missing" in run_failed["message"]
+    assert _status(s)["phase"] == "Failed"
+
+
 async def test_events_the_api_refuses_do_not_stop_the_run(observed):
     s = observed
     s.api["post", f"/api/v1/namespaces/{NAMESPACE}/events"] << kmock.KubernetesError(status=403, reason="Forbidden", message="events is forbidden")
@@ -408,7 +422,8 @@ async def test_metrics_are_served_in_the_prometheus_text_format():
     from fusion.k8s import observe
 
     o = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
-    o.prepared({"metadata": {"name": "ctl-controller"}}, {"split/train": {"shards": 3, "config_hash": "h"}, "vocab/src-llama": {"shards": 1, "config_hash": "h"}}, "prepared")
+    o.owned({"metadata": {"name": "ctl-controller"}})
+    o.prepared({"split/train": {"shards": 3, "config_hash": "h"}, "vocab/src-llama": {"shards": 1, "config_hash": "h"}}, "prepared")
     o.created({"kind": "Job", "metadata": {"name": "ctl-split", "uid": "u"}}, [("split", "train")], "created")
     o.parts["split/train"].committed, o.parts["split/train"].rows = 2, 4096
     o.committed(None, "vocab", "src-llama", "committed")
@@ -451,7 +466,8 @@ async def test_training_shows_its_steps_and_tokens_per_second(tmp_path, monkeypa
 
     store = Store(str(tmp_path / "store"))
     o = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
-    o.prepared({"metadata": {"name": "ctl-controller"}}, {"fuse/train": {"shards": 3, "config_hash": "h-fuse"}, "train/model": {"shards": 1, "config_hash": "h-train"}}, "prepared")
+    o.owned({"metadata": {"name": "ctl-controller"}})
+    o.prepared({"fuse/train": {"shards": 3, "config_hash": "h-fuse"}, "train/model": {"shards": 1, "config_hash": "h-train"}}, "prepared")
     o.created({"kind": "PyTorchJob", "metadata": {"name": "ctl-train", "uid": "u"}}, [("train", "model")], "created")
 
     def train_status() -> dict:
@@ -484,6 +500,6 @@ async def test_training_shows_its_steps_and_tokens_per_second(tmp_path, monkeypa
 
     # a record an earlier run of other settings left is not this training's
     o2 = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
-    o2.prepared({"metadata": {"name": "ctl-controller"}}, {"train/model": {"shards": 1, "config_hash": "h-other"}}, "prepared")
+    o2.prepared({"train/model": {"shards": 1, "config_hash": "h-other"}}, "prepared")
     o2.refresh(store, set())
     assert o2.parts["train/model"].steps == 0 and o2.parts["train/model"].rows == 0

@@ -13,7 +13,7 @@
   version 0.0.4), scraped through the chart's Service or ServiceMonitor.
 
 Nothing here may stop the run: an API call that fails is logged once and the run goes on.
-The controller calls the hooks (prepared, created, committed, restarted, failed,
+The controller calls the hooks (owned, prepared, created, committed, restarted, failed,
 complete) and `refresh` once per pass; everything else is read from the store: the shards'
 commit records, and for train, which commits its one shard only at the end, the trainer's
 progress record (fusion/training/metrics.py).
@@ -229,13 +229,17 @@ class Observer:
         self.quiet: set[str] = set()  # API errors already logged
 
     # -- the hooks the controller calls ------------------------------------------------------------
-    def prepared(self, controller_job: dict, outputs: dict[str, dict], message: str) -> None:
+    def owned(self, controller_job: dict) -> None:
+        """The controller's Job, known from the first pass on: run-level Events go there, a
+        failure before prepare completes included."""
         self.controller = controller_job
+
+    def prepared(self, outputs: dict[str, dict], message: str) -> None:
         for key, out in outputs.items():
             stage, part = key.split("/", 1)
             self.parts.setdefault(key, PartProgress(stage, part, int(out["shards"]), out.get("config_hash", "")))
         self.phase = "Running"
-        self.event(controller_job, "Prepared", message)
+        self.event(self.controller, "Prepared", message)
 
     def created(self, obj: dict, outputs: list[tuple[str, str]], message: str) -> None:
         self.objects[obj["metadata"]["name"]] = obj
