@@ -677,6 +677,18 @@ def test_a_named_runtime_refuses_what_a_patch_cannot_carry():
     assert "nprocPerNode=cpu" in render_error(TINY, IMAGES, S3, ON_S3, TRAINJOB, {"cluster": {"workloads": {"train": {"nprocPerNode": "cpu"}}}})
 
 
+def test_a_named_runtime_is_warned_about_its_failure_policy(rendered):
+    """A named runtime's failure policy applies (a runtimePatch cannot carry one), and Kubeflow's
+    torch-distributed has none: the install notes say that a preemption then fails the run."""
+    if TORCH_DISTRIBUTED.exists():
+        assert "failurePolicy" not in _stock_runtime()["spec"]["template"]["spec"], "the stock runtime grew a failure policy: revisit this warning"
+    notes = " ".join(rendered["trainjob-named-runtime"].notes.split())
+    assert "WARNING: the TrainJob runs on the runtime ClusterTrainingRuntime/torch-distributed: its failure policy decides" in notes
+    assert "a preempted train node (exit 143) or a lost peer (exit 201) fails the TrainJob and the run" in notes
+    for case in ("trainjob", "trainjob-namespaced-runtime", "tiny-s3"):
+        assert "WARNING" not in rendered[case].notes, case
+
+
 # ---- Kueue ------------------------------------------------------------------------------------------
 def test_kueue_reads_queue_labels_on_the_workload_and_the_elastic_annotation_on_align_jobs(rendered):
     """Kueue's job integrations read kueue.x-k8s.io/queue-name and priority-class from the
