@@ -747,7 +747,7 @@ def test_the_status_configmap_is_installed_for_the_controller_to_keep_current(re
 def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered):
     """Exit 200 (the store stayed unreachable past store_options.outage_seconds) restarts the pod
     without using up backoffLimit; training pods restart on it and on 201 (peers lost) through
-    restartPolicy ExitCode (128-255); every pod carries the release as the run's identity."""
+    restartPolicy ExitCode (128-255); every pod carries NAMESPACE/RELEASE as the run's identity."""
     r = rendered["tiny-s3"]
     ignore = {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [STORE_UNREACHABLE_EXIT_CODE]}}
     for name in ["tiny-prepare", "tiny-split", "tiny-align-src-llama", "tiny-eval", "tiny-controller"]:
@@ -756,7 +756,7 @@ def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered)
                  for rule in job["spec"]["podFailurePolicy"]["rules"]]
         assert ignore in rules, name
         env = {e["name"]: e.get("value") for e in _containers(job)[0]["env"]}
-        assert env["FUSION_RUN_ID"] == "tiny", name
+        assert env["FUSION_RUN_ID"] == "fusion/tiny", name
     assert 128 <= STORE_UNREACHABLE_EXIT_CODE <= 255 and 128 <= PEER_LOST_EXIT_CODE <= 255
     train = r.workload("tiny-train")
     for replica in train["spec"]["pytorchReplicaSpecs"].values():
