@@ -2,8 +2,9 @@
 
     run.json  {"owner": {"run": "tiny", "run_id": "local", "spec_hash": "3f2a..."}, "spec": ..., "outputs": ...}
 
-The owner (Run.owner) is the run's name, its run id and its spec hash. The run id is the Helm
-release on Kubernetes (the chart sets FUSION_RUN_ID to it), else $FUSION_RUN_ID, else "local".
+The owner (Run.owner) is the run's name, its run id and its spec hash. The run id is
+$FUSION_RUN_ID, else "local"; on Kubernetes the chart sets it to NAMESPACE/RELEASE, so two
+releases of the same name in two namespaces are two runs.
 The spec hash covers the whole spec except how the store is reached (`store`,
 `store_options`): two routes to the same store are the same run.
 

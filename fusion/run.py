@@ -101,7 +101,7 @@ class Run:
 
     def owner(self) -> dict:
         """The run's identity in run.json (fusion/ownership.py): its name, its run id
-        ($FUSION_RUN_ID, which the chart sets to the Helm release; else "local") and the hash of
+        ($FUSION_RUN_ID, which the chart sets to NAMESPACE/RELEASE; else "local") and the hash of
         its spec without how the store is reached (`store`, `store_options`)."""
         spec = self.spec.model_dump(mode="json", by_alias=True)
         spec.pop("store", None)

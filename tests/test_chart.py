@@ -677,6 +677,18 @@ def test_a_named_runtime_refuses_what_a_patch_cannot_carry():
     assert "nprocPerNode=cpu" in render_error(TINY, IMAGES, S3, ON_S3, TRAINJOB, {"cluster": {"workloads": {"train": {"nprocPerNode": "cpu"}}}})
 
 
+def test_a_named_runtime_is_warned_about_its_failure_policy(rendered):
+    """A named runtime's failure policy applies (a runtimePatch cannot carry one), and Kubeflow's
+    torch-distributed has none: the install notes say that a preemption then fails the run."""
+    if TORCH_DISTRIBUTED.exists():
+        assert "failurePolicy" not in _stock_runtime()["spec"]["template"]["spec"], "the stock runtime grew a failure policy: revisit this warning"
+    notes = " ".join(rendered["trainjob-named-runtime"].notes.split())
+    assert "WARNING: the TrainJob runs on the runtime ClusterTrainingRuntime/torch-distributed: its failure policy decides" in notes
+    assert "a preempted train node (exit 143) or a lost peer (exit 201) fails the TrainJob and the run" in notes
+    for case in ("trainjob", "trainjob-namespaced-runtime", "tiny-s3"):
+        assert "WARNING" not in rendered[case].notes, case
+
+
 # ---- Kueue ------------------------------------------------------------------------------------------
 def test_kueue_reads_queue_labels_on_the_workload_and_the_elastic_annotation_on_align_jobs(rendered):
     """Kueue's job integrations read kueue.x-k8s.io/queue-name and priority-class from the
@@ -735,7 +747,7 @@ def test_the_status_configmap_is_installed_for_the_controller_to_keep_current(re
 def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered):
     """Exit 200 (the store stayed unreachable past store_options.outage_seconds) restarts the pod
     without using up backoffLimit; training pods restart on it and on 201 (peers lost) through
-    restartPolicy ExitCode (128-255); every pod carries the release as the run's identity."""
+    restartPolicy ExitCode (128-255); every pod carries NAMESPACE/RELEASE as the run's identity."""
     r = rendered["tiny-s3"]
     ignore = {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [STORE_UNREACHABLE_EXIT_CODE]}}
     for name in ["tiny-prepare", "tiny-split", "tiny-align-src-llama", "tiny-eval", "tiny-controller"]:
@@ -744,7 +756,7 @@ def test_an_unreachable_store_is_retried_and_the_release_names_the_run(rendered)
                  for rule in job["spec"]["podFailurePolicy"]["rules"]]
         assert ignore in rules, name
         env = {e["name"]: e.get("value") for e in _containers(job)[0]["env"]}
-        assert env["FUSION_RUN_ID"] == "tiny", name
+        assert env["FUSION_RUN_ID"] == "fusion/tiny", name
     assert 128 <= STORE_UNREACHABLE_EXIT_CODE <= 255 and 128 <= PEER_LOST_EXIT_CODE <= 255
     train = r.workload("tiny-train")
     for replica in train["spec"]["pytorchReplicaSpecs"].values():

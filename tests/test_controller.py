@@ -382,7 +382,7 @@ async def test_every_transition_is_an_event_and_the_status_stays_current(observe
     parts = {f"{p['stage']}/{p['part']}": p for p in json.loads(status["status.json"])["parts"]}
     assert parts["split/train"] == {
         "stage": "split", "part": "train", "state": "running", "workload": "Job/ctl-split",
-        "shardsCommitted": 0, "shardsTotal": SHARDS, "rows": 0, "rowsPerSecond": 0.0,
+        "shardsCommitted": 0, "shardsTotal": SHARDS, "rows": 0, "rowsPerSecond": 0.0, "unit": "blocks",
     }
     assert parts["fuse/train"]["state"] == "waiting"
 
@@ -390,7 +390,7 @@ async def test_every_transition_is_an_event_and_the_status_stays_current(observe
     await s.step()
     parts = {f"{p['stage']}/{p['part']}": p for p in json.loads(_status(s)["status.json"])["parts"]}
     assert parts["split/train"]["shardsCommitted"] == 1 and parts["split/train"]["rows"] == 1
-    assert re.search(r"^split\s+train\s+running\s+1/3\s+1\s", _status(s)["summary"], re.M)
+    assert re.search(r"^split\s+train\s+running\s+1/3\s+-\s+1\s+[\d,]+\s+blocks\s+Job/ctl-split$", _status(s)["summary"], re.M)
 
     for part in ("train", "heldout"):
         s.write_shards("split", part)
@@ -417,6 +417,20 @@ async def test_every_transition_is_an_event_and_the_status_stays_current(observe
     assert "last error: Job ctl-vocab-src-neox failed" in status["summary"]
 
 
+async def test_a_failure_before_prepare_completes_is_a_run_failed_event(observed):
+    s = observed
+    await s.step()
+    await s.finish("Job", "ctl-prepare", "Failed", reason="BackoffLimitExceeded", message="the corpus is missing")
+    with pytest.raises(FusionError, match="Job ctl-prepare failed"):
+        await asyncio.to_thread(s.controller.loop, 0.01)
+    warnings = [e for e in _events(s) if e["type"] == "Warning"]
+    assert {(e["involvedObject"]["name"], e["reason"]) for e in warnings} == {("ctl-prepare", "WorkloadFailed"), ("ctl-controller", "RunFailed")}
+    (run_failed,) = [e for e in warnings if e["reason"] == "RunFailed"]
+    assert run_failed["involvedObject"]["uid"] == s.objects("Job")["ctl-controller"]["metadata"]["uid"]
+    assert "the corpus is missing" in run_failed["message"]
+    assert _status(s)["phase"] == "Failed"
+
+
 async def test_events_the_api_refuses_do_not_stop_the_run(observed):
     s = observed
     s.api["post", f"/api/v1/namespaces/{NAMESPACE}/events"] << kmock.KubernetesError(status=403, reason="Forbidden", message="events is forbidden")
@@ -434,7 +448,8 @@ async def test_metrics_are_served_in_the_prometheus_text_format():
     from fusion.k8s import observe
 
     o = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
-    o.prepared({"metadata": {"name": "ctl-controller"}}, {"split/train": {"shards": 3, "config_hash": "h"}, "vocab/src-llama": {"shards": 1, "config_hash": "h"}}, "prepared")
+    o.owned({"metadata": {"name": "ctl-controller"}})
+    o.prepared({"split/train": {"shards": 3, "config_hash": "h"}, "vocab/src-llama": {"shards": 1, "config_hash": "h"}}, "prepared")
     o.created({"kind": "Job", "metadata": {"name": "ctl-split", "uid": "u"}}, [("split", "train")], "created")
     o.parts["split/train"].committed, o.parts["split/train"].rows = 2, 4096
     o.committed(None, "vocab", "src-llama", "committed")
@@ -463,3 +478,54 @@ async def test_metrics_are_served_in_the_prometheus_text_format():
     assert "# TYPE fusion_parts_committed_total counter" in lines
     types = [line.split()[2] for line in lines if line.startswith("# TYPE ")]
     assert len(types) == len(set(types)), "one TYPE line per family"
+
+
+async def test_training_shows_its_steps_and_tokens_per_second(tmp_path, monkeypatch):
+    """Training commits its one shard only at the end: the status and the metrics show the
+    trainer's progress record (fusion/training/metrics.py) while it runs."""
+    from types import SimpleNamespace
+
+    from fusion.k8s import observe
+    from fusion.store import Store
+    from fusion.training import metrics
+    from fusion.training.distributed import World
+
+    store = Store(str(tmp_path / "store"))
+    o = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
+    o.owned({"metadata": {"name": "ctl-controller"}})
+    o.prepared({"fuse/train": {"shards": 3, "config_hash": "h-fuse"}, "train/model": {"shards": 1, "config_hash": "h-train"}}, "prepared")
+    o.created({"kind": "PyTorchJob", "metadata": {"name": "ctl-train", "uid": "u"}}, [("train", "model")], "created")
+
+    def train_status() -> dict:
+        o.refresh(store, set())
+        return next(p for p in json.loads(o.status_data()["status.json"])["parts"] if p["stage"] == "train")
+
+    assert train_status()["steps"] == 0 and train_status()["stepsTotal"] == 0, "no record yet"
+
+    # the trainer, resumed after one step of 100 tokens, writes a record after each step here
+    monkeypatch.setattr(metrics, "PROGRESS_SECONDS", 0.0)
+    trainer = metrics.Progress(SimpleNamespace(store=store, hash=lambda stage, part: "h-train"), World(0, 1, 0, "cpu", False), 7, [{"tokens": 100}])
+    for step in (2, 3):
+        trainer.stepped({"step": step, "tokens": 4096})
+    train = train_status()
+    assert (train["steps"], train["stepsTotal"], train["rows"], train["unit"]) == (3, 7, 8292, "tokens")
+    assert train["rowsPerSecond"] > 0 and re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", train["updatedAt"])
+    table = o.status_data()["summary"]
+    assert re.search(r"^train\s+model\s+running\s+0/1\s+3/7\s+8,292\s+[\d,]+\s+tokens\s+PyTorchJob/ctl-train$", table, re.M), table
+    assert re.search(r"^fuse\s+train\s+waiting\s+0/3\s+-\s+0\s+0\s+tokens\s+-$", table, re.M), "other stages as before"
+    lines = o.metrics().splitlines()
+    assert 'fusion_train_steps{run="ctl",part="model"} 3' in lines and 'fusion_train_steps_total{run="ctl",part="model"} 7' in lines
+    assert 'fusion_train_tokens{run="ctl",part="model"} 8292' in lines
+    (rate,) = [line for line in lines if line.startswith('fusion_train_tokens_per_second{run="ctl",part="model"} ')]
+    assert float(rate.rsplit(" ", 1)[1]) > 0
+
+    # committed: the steps stay, the rate is 0 as for every committed part
+    o.committed(None, "train", "model", "committed")
+    train = train_status()
+    assert (train["steps"], train["rows"], train["rowsPerSecond"]) == (3, 8292, 0.0)
+
+    # a record an earlier run of other settings left is not this training's
+    o2 = observe.Observer(None, NAMESPACE, "ctl", "ctl-status", print)
+    o2.prepared({"train/model": {"shards": 1, "config_hash": "h-other"}}, "prepared")
+    o2.refresh(store, set())
+    assert o2.parts["train/model"].steps == 0 and o2.parts["train/model"].rows == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,40 @@ def test_installers_may_grant_what_the_controller_gets():
     assert {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"], "verbs": ["create", "get", "list", "watch", "update", "patch", "delete"]} in cluster_role["rules"]
     monitored = render(values_file(CHART.parents[1] / "jobs/tiny.yaml"), IMAGES, {"store": "s3://runs/tiny"}, {"cluster": {"controller": {"metrics": {"serviceMonitor": {"enabled": True}}}}})
     assert any(o["kind"] == "ServiceMonitor" for o in monitored.objects) and ("monitoring.coreos.com", "servicemonitors", "create") in held
+
+
+def _commands(block: str) -> list[tuple[str, list[str]]]:
+    """A console block as (command, output lines)."""
+    out: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            out.append((line[2:], []))
+        elif out and line:
+            out[-1][1].append(line)
+    return out
+
+
+def test_the_readme_shows_the_simulated_runs_views():
+    """k8s/README.md shows what the simulated run prints, with either training operator
+    (tests/k8s_sim.py kubectl_views; FUSION_WRITE_VIEWS=DIR pytest tests/test_k8s_sim.py writes
+    them to files): pasted in, they keep the shape of what the controller writes now."""
+    from fusion.k8s import observe
+
+    blocks = re.findall(r"```console\n(.*?)```", (K8S / "README.md").read_text(), re.S)
+    views = [_commands(b) for b in blocks if b.startswith("$ kubectl get jobs,pytorchjobs,trainjobs")]
+    header = observe.summary("Complete", [], "").splitlines()[0]
+    kinds = set()
+    for view in views:
+        (get, rows), *rest = view
+        assert rows[0].split() == ["NAME", "STATUS", "COMPLETIONS"]
+        (train,) = [r.split()[0] for r in rows if r.split()[0].endswith("/micro-train")]
+        kinds.add(train.split(".")[0])
+        tables = [lines for command, lines in rest if command.startswith("kubectl get configmap micro-status")]
+        assert tables, get
+        for lines in tables:
+            assert lines[0] == header and lines[-1].startswith("phase: ")
+            assert all(len(row.split()) == len(header.split()) for row in lines[1:-1]), "a column more or less than the controller's"
+            assert {row.split()[0] for row in lines[1:-1]} == set(observe.STAGE_ORDER)
+        described = [command for command, _ in rest if command.startswith("kubectl describe")]
+        assert described == [f"kubectl describe {train.split('.')[0]} micro-train", "kubectl describe job micro-controller"]
+    assert kinds == {"pytorchjob", "trainjob"}, "a view of a run with each operator"

@@ -8,13 +8,19 @@ With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and o
 and still every shard is committed exactly once; then the training master's node is lost after a
 checkpoint, and training resumes from it. The controller's Events, status ConfigMap and
 metrics follow the run. Then `helm uninstall` removes everything the run created, and
-installing again resumes from the store without recomputing anything."""
+installing again resumes from the store without recomputing anything.
+
+The `kubectl get` and `kubectl describe` views of the finished run are printed (`pytest -s`),
+and with FUSION_WRITE_VIEWS=DIR written to DIR/kubectl-views-OPERATOR.txt: k8s/README.md
+shows them (tests/test_k8s_manifests.py checks that its blocks have their shape)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
+from pathlib import Path
 
 import kmock
 import pytest
@@ -149,8 +155,22 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
                 pods = [p for p in await cluster.list("Pod") if p["metadata"]["labels"].get("job-name") == name]
                 return [p for p in pods if p["status"].get("phase") in ("Pending", "Running") and not p["metadata"].get("deletionTimestamp")]
 
+            # For the views: the status table while the trainer reports tokens per second, the
+            # first one mid-training, else the last one before train/model was committed.
+            training = {"summary": "", "mid_run": False}
+
+            async def watch_training():
+                if training["mid_run"]:
+                    return
+                data = ((await cluster.get("ConfigMap", f"{RELEASE}-status")) or {}).get("data") or {}
+                parts = json.loads(data.get("status.json") or "{}").get("parts", [])
+                train = next((p for p in parts if p["stage"] == "train" and p["state"] == "running"), None)
+                if train is not None and train["rowsPerSecond"] > 0:
+                    training.update(summary=data["summary"], mid_run=train["steps"] < train["stepsTotal"])
+
             async def progress(predicate):
                 await check_order()
+                await watch_training()
                 return await predicate()
 
             # kubectl create secret generic fusion-s3 ...; helm install micro helm/fusion -f values.yaml
@@ -231,7 +251,17 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             assert {f"{p['stage']}/{p['part']}" for p in parts} == committed(client)
             assert all(p["state"] == "committed" and p["shardsCommitted"] == p["shardsTotal"] for p in parts)
             assert next(p for p in parts if p["stage"] == "align")["rows"] > 0
-            print("\n" + await kubectl_views(cluster, RELEASE))
+            trained = next(p for p in parts if p["stage"] == "train")
+            assert trained["steps"] == trained["stepsTotal"] > 0 and trained["rows"] > 0, "the trainer's progress record reached the status"
+            views = await kubectl_views(cluster, RELEASE)
+            if training["summary"]:
+                views += f"\n\n$ kubectl get configmap {RELEASE}-status -o jsonpath='{{.data.summary}}'   # earlier, while training\n"
+                views += training["summary"].rstrip()
+            print("\n" + views)
+            if os.environ.get("FUSION_WRITE_VIEWS"):
+                folder = Path(os.environ["FUSION_WRITE_VIEWS"])
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"kubectl-views-{operator}.txt").write_text(views + "\n")
 
             # helm uninstall: everything the run created goes (the garbage collector follows owners).
             await cluster.uninstall(installed)

@@ -56,15 +56,18 @@ def test_another_run_is_refused_before_any_work(micro, tmp_path, capsys):
 
 
 def test_another_release_is_refused(micro, tmp_path, capsys, monkeypatch):
+    """The chart sets the run id to NAMESPACE/RELEASE: another release, or one of the same name
+    in another namespace, is another run."""
     store = tmp_path / "store"
     spec = micro.write_spec(tmp_path / "a.yaml", store)
-    monkeypatch.setenv("FUSION_RUN_ID", "team-a")
+    monkeypatch.setenv("FUSION_RUN_ID", "team-a/tiny")
     assert cli(capsys, "prepare", spec)[0] == 0
     assert cli(capsys, "prepare", spec)[0] == 0  # the same release again: the same run
-    monkeypatch.setenv("FUSION_RUN_ID", "team-b")
-    code, err = cli(capsys, "prepare", spec)
-    assert code == BAD_INPUT_EXIT_CODE
-    assert "belongs to run 'micro' (release team-a, " in err and "this is run 'micro' (release team-b, " in err
+    for other in ("team-a/other", "team-b/tiny"):
+        monkeypatch.setenv("FUSION_RUN_ID", other)
+        code, err = cli(capsys, "prepare", spec)
+        assert code == BAD_INPUT_EXIT_CODE
+        assert "belongs to run 'micro' (release team-a/tiny, " in err and f"this is run 'micro' (release {other}, " in err
 
 
 def test_a_changed_spec_needs_a_redo_that_covers_it(micro, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,12 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusion import shards
 from fusion.config import parse_spec
 from fusion.loss import fusion_loss
 from fusion.pipeline import open_run
 from fusion.run import Run
 from fusion.stages import train
-from fusion.training import data, distributed, engine
+from fusion.training import data, distributed, engine, metrics
 from tests.packed import write_packed
 from tests.s3 import S3_BACKENDS, new_bucket, options_for
 
@@ -202,6 +204,19 @@ def test_tensorboard_scalars(reference):
     assert shares == pytest.approx([1.0])
 
 
+def test_the_progress_record_says_how_far_training_is(reference):
+    """logs/train/progress.json, which the controller's status shows (fusion/k8s/observe.py):
+    after the last step, every step and every token; no part of the committed model."""
+    run, store = reference
+    record = metrics.read_progress(run.store, run.hash(train.NAME, train.PART))
+    log = log_of(store)
+    assert (record["step"], record["steps"], record["tokens"]) == (9, 9, sum(e["tokens"] for e in log))
+    assert record["tokens_per_second"] > 0 and re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", record["updated_at"])
+    assert metrics.read_progress(run.store, "0" * 16) is None, "another configuration's record is not shown"
+    committed = shards.read_record(run.store, train.NAME, train.PART, 0)
+    assert metrics.PROGRESS.startswith("logs/") and not any("progress" in name for name in committed["files"])
+
+
 def test_micro_batching_does_not_change_the_result(reference, micro, tmp_path):
     run = make_run(micro, tmp_path / "whole", **{"train.micro_batch_size": None})
     train.run_shard(run, train.PART, 0)
@@ -233,6 +248,8 @@ def test_resume_from_a_remote_store_is_bitwise(micro, tmp_path, request, backend
     assert json.loads(store.read_bytes(f"{MODEL}/train_log.json")) == full
     assert store.read_bytes(f"{MODEL}/model.safetensors") == weights
     assert store.exists("logs/train/tensorboard")
+    progress = metrics.read_progress(store, run.hash(train.NAME, train.PART))
+    assert progress["tokens"] == sum(e["tokens"] for e in full), "the resumed run counts the steps before its checkpoint"
 
 
 # ---- DeepSpeed over two processes --------------------------------------------------------------------

@@ -227,13 +227,13 @@ class Controller:
             job = self.kube.get("Job", self.job_name)
             if job is None:
                 raise FusionError(f"the controller's own Job {self.job_name} does not exist")
-            self.job = job
             self.owner = {
                 "apiVersion": "batch/v1",
                 "kind": "Job",
                 "name": job["metadata"]["name"],
                 "uid": job["metadata"]["uid"],
             }
+            self.notify("owned", job)
         return self.owner
 
     def mine(self, obj: dict) -> bool:
@@ -354,6 +354,7 @@ class Controller:
 
     def step(self) -> bool:
         """One pass; True once every output of the run is committed."""
+        self.owner_reference()  # first: a failure of any later step is an Event on the controller's Job
         if self.spec_path is not None:
             self.refuse_a_changed_spec()
         if self.outputs is None:
@@ -361,7 +362,7 @@ class Controller:
                 return False
             self.outputs = self.read_run_record()
             log(f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
-            self.notify("prepared", self.job, self.outputs, f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
+            self.notify("prepared", self.outputs, f"prepared: {len(self.outputs)} outputs, {self.outputs['split/train']['shards']} shard(s) per sharded stage")
         done = True
         for w in self.workloads[1:]:
             if all(self.is_committed(s, p) for s, p in w.outputs):

@@ -5,15 +5,18 @@
   (prepared, complete, failed) on the controller's Job, so `kubectl describe job ...` and
   `kubectl get events` tell the story. A failure is a Warning.
 - A status ConfigMap (RELEASE-status, installed by the chart, rewritten every pass): per stage
-  part its state, shards committed of total, rows and rows per second (tokens, for logits,
-  align and fuse), plus the run's phase and its last error. `kubectl get configmap
-  RELEASE-status -o jsonpath='{.data.summary}'` prints it as a table.
+  part its state, shards committed of total, how much is done and how much per second in the
+  stage's unit (UNITS: tokens for logits, align, fuse and train), for train also the optimizer
+  steps, plus the run's phase and its last error. `kubectl get configmap RELEASE-status -o
+  jsonpath='{.data.summary}'` prints it as a table.
 - Prometheus metrics on the controller (GET /metrics, the plain-text exposition format,
   version 0.0.4), scraped through the chart's Service or ServiceMonitor.
 
 Nothing here may stop the run: an API call that fails is logged once and the run goes on.
-The controller calls the hooks (created, committed, restarted, failed, prepared, complete)
-and `refresh` once per pass; everything else is read from the store.
+The controller calls the hooks (owned, prepared, created, committed, restarted, failed,
+complete) and `refresh` once per pass; everything else is read from the store: the shards'
+commit records, and for train, which commits its one shard only at the end, the trainer's
+progress record (fusion/training/metrics.py).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fusion import shards
 from fusion.store import Store
+from fusion.training import metrics as training_metrics
 
 COMPONENT = "fusion-controller"
 STAGE_ORDER = ("split", "vocab", "logits", "align", "fuse", "train", "eval")  # how the summary lists them
 RATE_WINDOW_SECONDS = 60.0  # rows per second: over about the last minute
+# What a row of each stage's commit records is; train counts the tokens trained on instead.
+UNITS = {"split": "blocks", "vocab": "entries", "logits": "tokens", "align": "tokens", "fuse": "tokens", "train": "tokens", "eval": "files"}
 
 
 def stamp() -> str:
@@ -45,6 +51,7 @@ class PartProgress:
     stage: str
     part: str
     total: int
+    config_hash: str = ""  # this run's, from run.json: a progress record of other settings is not shown
     state: str = "waiting"  # waiting -> running -> committed
     workload: str = ""
     committed: int = 0
@@ -53,6 +60,13 @@ class PartProgress:
     rows_of: dict[int, int] = field(default_factory=dict)  # shard -> rows, records read once
     samples: list[tuple[float, int]] = field(default_factory=list)  # (time, rows) within the window
     settled: bool = False  # read once more after it was committed: nothing changes any more
+    steps: int = 0  # train: optimizer steps done, of steps_total, when the trainer last wrote
+    steps_total: int = 0
+    updated: str = ""
+
+    @property
+    def unit(self) -> str:
+        return UNITS.get(self.stage, "rows")
 
     def read(self, store: Store, now: float) -> None:
         """New shard records since the last pass (one listing, then only the new records)."""
@@ -69,12 +83,23 @@ class PartProgress:
                 except ValueError:
                     self.rows_of[i] = 0
         self.committed, self.rows = len(self.rows_of), sum(self.rows_of.values())
+        if self.stage == "train":
+            self.read_training(store)
+            return
         self.samples = [s for s in self.samples if now - s[0] <= RATE_WINDOW_SECONDS] + [(now, self.rows)]
         first_time, first_rows = self.samples[0]
         self.rows_per_second = (self.rows - first_rows) / (now - first_time) if now > first_time and not self.settled else 0.0
 
+    def read_training(self, store: Store) -> None:
+        """Steps, tokens and tokens per second as the trainer last wrote them."""
+        record = training_metrics.read_progress(store, self.config_hash) or {}
+        self.steps, self.steps_total = int(record.get("step", 0)), int(record.get("steps", 0))
+        self.rows = int(record.get("tokens", 0))
+        self.rows_per_second = 0.0 if self.settled else float(record.get("tokens_per_second", 0.0))
+        self.updated = record.get("updated_at", "")
+
     def as_dict(self) -> dict:
-        return {
+        out = {
             "stage": self.stage,
             "part": self.part,
             "state": self.state,
@@ -83,15 +108,21 @@ class PartProgress:
             "shardsTotal": self.total,
             "rows": self.rows,
             "rowsPerSecond": round(self.rows_per_second, 1),
+            "unit": self.unit,
         }
+        if self.stage == "train":
+            out.update(steps=self.steps, stepsTotal=self.steps_total, updatedAt=self.updated)
+        return out
 
 
 def summary(phase: str, parts: list[PartProgress], last_error: str) -> str:
-    """The status as `kubectl get`-style columns."""
-    lines = [f"{'STAGE':<7} {'PART':<16} {'STATE':<10} {'SHARDS':>9} {'ROWS':>12} {'ROWS/S':>9}  WORKLOAD"]
+    """The status as `kubectl get`-style columns: DONE and RATE/S count UNITs."""
+    lines = [f"{'STAGE':<7} {'PART':<16} {'STATE':<10} {'SHARDS':>7} {'STEPS':>11} {'DONE':>12} {'RATE/S':>9}  {'UNIT':<7}  WORKLOAD"]
     for p in parts:
+        steps = f"{p.steps}/{p.steps_total}" if p.steps_total else "-"
         lines.append(
-            f"{p.stage:<7} {p.part:<16} {p.state:<10} {f'{p.committed}/{p.total}':>9} {p.rows:>12,} {p.rows_per_second:>9,.0f}  {p.workload or '-'}"
+            f"{p.stage:<7} {p.part:<16} {p.state:<10} {f'{p.committed}/{p.total}':>7} {steps:>11} {p.rows:>12,} "
+            f"{p.rows_per_second:>9,.0f}  {p.unit:<7}  {p.workload or '-'}"
         )
     lines.append(f"phase: {phase}" + (f"; last error: {last_error}" if last_error else ""))
     return "\n".join(lines) + "\n"
@@ -118,9 +149,22 @@ def exposition(run: str, phase: str, parts: list[PartProgress], counters: dict[s
 
     family("fusion_part_shards_committed", "gauge", "Shards of a stage part that have a commit record.", per_part(lambda p: p.committed))
     family("fusion_part_shards_total", "gauge", "Shards a stage part has, as planned.", per_part(lambda p: p.total))
-    family("fusion_part_rows", "gauge", "Rows in the committed shards of a stage part (tokens for logits, align and fuse).", per_part(lambda p: p.rows))
-    family("fusion_part_rows_per_second", "gauge", "Rows committed per second over about the last minute.", per_part(lambda p: float(round(p.rows_per_second, 3))))
+    family(
+        "fusion_part_rows", "gauge",
+        "What a stage part has done, in its unit: blocks (split), vocabulary entries (vocab), tokens (logits, align, fuse, train), files (eval).",
+        per_part(lambda p: p.rows),
+    )
+    family("fusion_part_rows_per_second", "gauge", "fusion_part_rows per second over about the last minute (train: as the trainer last reported).", per_part(lambda p: float(round(p.rows_per_second, 3))))
     family("fusion_part_committed", "gauge", "1 once the stage part is committed.", per_part(lambda p: int(p.state == "committed")))
+    training = [p for p in parts if p.stage == "train"]
+
+    def per_training(value) -> list[tuple[dict, float]]:
+        return [({"part": p.part}, value(p)) for p in training]
+
+    family("fusion_train_steps", "gauge", "Optimizer steps done, as the trainer last reported.", per_training(lambda p: p.steps))
+    family("fusion_train_steps_total", "gauge", "Optimizer steps the training has in all.", per_training(lambda p: p.steps_total))
+    family("fusion_train_tokens", "gauge", "Tokens trained on so far.", per_training(lambda p: p.rows))
+    family("fusion_train_tokens_per_second", "gauge", "Tokens trained on per second, as the trainer last reported; 0 once committed.", per_training(lambda p: float(round(p.rows_per_second, 3))))
     phases = ("Pending", "Running", "Complete", "Failed")
     family("fusion_run_phase", "gauge", "1 for the run's current phase.", [({"phase": ph}, int(ph == phase)) for ph in phases])
     for name, (help_text, samples) in sorted(counters.items()):
@@ -185,13 +229,17 @@ class Observer:
         self.quiet: set[str] = set()  # API errors already logged
 
     # -- the hooks the controller calls ------------------------------------------------------------
-    def prepared(self, controller_job: dict, outputs: dict[str, dict], message: str) -> None:
+    def owned(self, controller_job: dict) -> None:
+        """The controller's Job, known from the first pass on: run-level Events go there, a
+        failure before prepare completes included."""
         self.controller = controller_job
+
+    def prepared(self, outputs: dict[str, dict], message: str) -> None:
         for key, out in outputs.items():
             stage, part = key.split("/", 1)
-            self.parts.setdefault(key, PartProgress(stage, part, int(out["shards"])))
+            self.parts.setdefault(key, PartProgress(stage, part, int(out["shards"]), out.get("config_hash", "")))
         self.phase = "Running"
-        self.event(controller_job, "Prepared", message)
+        self.event(self.controller, "Prepared", message)
 
     def created(self, obj: dict, outputs: list[tuple[str, str]], message: str) -> None:
         self.objects[obj["metadata"]["name"]] = obj

@@ -184,7 +184,10 @@ class Runtime(Strict):
     name: str = Field(
         "",
         description="The Trainer v2 runtime the TrainJob references, e.g. torch-distributed (Kubeflow's); empty: the chart "
-        "ships its own torch ClusterTrainingRuntime, fusion-NAMESPACE-RELEASE, carrying every pod setting.",
+        "ships its own torch ClusterTrainingRuntime, fusion-NAMESPACE-RELEASE, carrying every pod setting and a failure "
+        "policy that restarts the nodes from the newest checkpoint. A named runtime's failure policy applies instead (and "
+        "backoffLimit does not): torch-distributed has none, so a preempted node or a lost peer fails the TrainJob and the "
+        "run (k8s/README.md, Which training operator).",
     )
     kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
         "ClusterTrainingRuntime", description="Its kind: cluster-wide, or a TrainingRuntime in the release's namespace."

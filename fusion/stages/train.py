@@ -92,6 +92,7 @@ def train_from(run: Run, world: distributed.World, stop, scratch: Path, reader: 
     eng = engine.build(run, world, steps)
     state = checkpoint.load(run, world, eng, reader, scratch)
     board = metrics.open_board(run, world, scratch, state.step)
+    progress = metrics.Progress(run, world, steps, state.log)
     if world.main:
         applied = eng.describe()
         run.store.write_json(ENGINE_LOG, applied)
@@ -122,6 +123,7 @@ def train_from(run: Run, world: distributed.World, stop, scratch: Path, reader: 
                 f"train.max_skipped_blocks={spec.max_skipped_blocks}: the packed data (fuse/train) looks corrupt"
             )
         metrics.write(board, entry, names, time.perf_counter() - started, state.skipped)
+        progress.stepped(entry)
         if preempted or (state.step % spec.checkpoint_every == 0 and state.step < steps):
             checkpoint.save(run, world, eng, reader, state, scratch)
             metrics.sync(run, board)

@@ -1,4 +1,4 @@
-"""What the trainer reports: one log entry per step, and TensorBoard scalars.
+"""What the trainer reports: one log entry per step, TensorBoard scalars and a progress record.
 
 The log (train_log.json in the exported model folder, drawn by the eval report) holds per step:
 loss, clm, fusion (nats per token, token-weighted over the global batch), lr (read back from the
@@ -13,17 +13,32 @@ logs/train/tensorboard/:
 For a local store the events go straight there (watch it live); for a remote one into a scratch
 folder uploaded at every checkpoint and at the end. A resumed run purges what the interrupted
 one logged after its checkpoint (TensorBoard's purge_step), so curves never double back.
+
+The progress record (rank 0), logs/train/progress.json, is what the controller shows of a
+training that runs (fusion/k8s/observe.py: the status ConfigMap and metrics):
+    {"config_hash": ..., "step": 120, "steps": 2000, "tokens": 3932160,
+     "tokens_per_second": 5120.4, "updated_at": "2026-01-02T03:04:05Z"}
+tokens are those trained on so far (a resumed run counts the steps before its checkpoint),
+tokens_per_second the rate since the previous record. It is rewritten whole when training
+starts, then after a step at most every PROGRESS_SECONDS, and after the last step. Like
+everything under logs/, it is no output: nothing that commits, hashes or compares outputs reads it.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fusion.run import Run
+from fusion.store import Store
 from fusion.training.distributed import World
 
 TENSORBOARD = "logs/train/tensorboard"
+PROGRESS = "logs/train/progress.json"
+PROGRESS_SECONDS = 10.0  # the least time between two records after steps: fast steps would make a PUT each
 
 
 def step_entry(
@@ -92,3 +107,50 @@ def close(run: Run, board: Board | None) -> None:
     if board is not None:
         sync(run, board)
         board.writer.close()
+
+
+# ---- the progress record ------------------------------------------------------------------------
+class Progress:
+    """Rank 0 writes the progress record (see the module docstring); other ranks only count."""
+
+    def __init__(self, run: Run, world: World, steps: int, done: list[dict]):
+        self.store = run.store if world.main else None
+        self.config_hash = run.hash("train", "model")
+        self.steps = steps
+        self.step = len(done)
+        self.tokens = sum(e["tokens"] for e in done)
+        self.written_at, self.written_tokens = time.monotonic(), self.tokens
+        self.write(0.0)
+
+    def stepped(self, entry: dict) -> None:
+        self.step, self.tokens = entry["step"], self.tokens + entry["tokens"]
+        now = time.monotonic()
+        if self.step == self.steps or now - self.written_at >= PROGRESS_SECONDS:
+            self.write((self.tokens - self.written_tokens) / max(now - self.written_at, 1e-9))
+            self.written_at, self.written_tokens = now, self.tokens
+
+    def write(self, tokens_per_second: float) -> None:
+        if self.store is None:
+            return
+        record = {
+            "config_hash": self.config_hash,
+            "step": self.step,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tokens_per_second": round(tokens_per_second, 1),
+            "updated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.store.write_json(PROGRESS, record)
+
+
+def read_progress(store: Store, config_hash: str) -> dict | None:
+    """The progress record if it is this training's (one an earlier run of other settings left
+    is not), else None."""
+    blob = store.read_bytes(PROGRESS)
+    try:
+        record = json.loads(blob) if blob else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("config_hash") != config_hash:
+        return None
+    return record

@@ -203,9 +203,10 @@ spec:
               fieldPath: metadata.namespace
         - name: HOME
           value: /tmp
-        # the run's identity in run.json (fusion/ownership.py): another release never writes here
+        # the run's identity in run.json (fusion/ownership.py): another release never writes here,
+        # nor a release of the same name in another namespace
         - name: FUSION_RUN_ID
-          value: {{ $root.Release.Name | quote }}
+          value: {{ printf "%s/%s" $root.Release.Namespace $root.Release.Name | quote }}
         - name: TQDM_DISABLE
           value: "1"
         - name: HF_HUB_OFFLINE
