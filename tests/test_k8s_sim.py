@@ -188,11 +188,11 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             if operator == "pytorchjob":
                 await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
                 cluster.event(f"kubectl patch job {align} parallelism 3")
-                pods = await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "3 align workers")
+                pods = await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 300, "3 align workers")
                 victim = pods[-1]["metadata"]["name"]
                 await cluster.delete("Pod", victim)
                 cluster.event(f"kubectl delete pod {victim}")
-                await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 120, "a replacement worker")
+                await until(cluster, lambda: progress(lambda: _at_least(running(align), 3)), 300, "a replacement worker")
                 await cluster.patch("Job", align, {"spec": {"parallelism": 2}})
                 cluster.event(f"kubectl patch job {align} parallelism 2")
 
@@ -280,7 +280,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             seen.clear()
             await cluster.apply(installed)
             cluster.event("helm install (again)")
-            await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 240, "the resumed run to end")
+            await until(cluster, lambda: progress(lambda: _condition(job(controller), "Complete", "Failed")), 600, "the resumed run to end")
             assert (await job(controller))["status"]["conditions"][0]["type"] == "Complete"
             assert set(seen) == {f"{RELEASE}-prepare"}
             after = versions(client, "micro/")
