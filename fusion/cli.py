@@ -233,12 +233,12 @@ def cmd_train(args) -> int:
     first (from the PyTorchJob's environment) and runs this command in every rank."""
     from fusion.launch import OneShard, Part, run_part
     from fusion.stages import train
-    from fusion.training import distributed
+    from fusion.training import distributed, engine
 
     run = _run(args.spec, args.store, args.set)
     if Part(run, train.NAME, train.PART).is_done(0):
         return 0
-    if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():
+    if engine.engine_of(run.spec.train).multi_process and not distributed.inside_torchrun():
         worker_args = [args.spec, *(["--store", args.store] if args.store else []), *(f"--set={s}" for s in args.set)]
         return distributed.launch(worker_args)
     run_part(run, train.NAME, train.PART, OneShard(0))
