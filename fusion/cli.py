@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checker (exit 1 if a sequence differs)",
     )
     p.add_argument("--fixture", required=True, metavar="DIR", help="folder in the alignment-fixture format")
-    p.add_argument("--mode", required=True, choices=["reference-hard", "reference-soft", "hard", "soft"],
-                   help="align.mode (hard, soft: the same, short)")
+    p.add_argument("--mode", required=True, type=_fixture_mode, metavar="MODE",
+                   help="reference-hard or reference-soft (hard, soft: the same, short)")
     p.add_argument("--out", metavar="FILE.npz", help="also keep the candidate .npz here (default: a temporary file)")
     p.add_argument("--no-check", action="store_true", help="only write the candidate (needs --out)")
 
@@ -325,6 +325,12 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _fixture_mode(name: str):
+    from fusion.align.fixture import mode_argument  # on use: the alignment kernels load only for this command
+
+    return mode_argument(name)
+
+
 def cmd_align_fixture(args) -> int:
     import tempfile
     from pathlib import Path
@@ -334,7 +340,7 @@ def cmd_align_fixture(args) -> int:
     if args.no_check and not args.out:
         raise FusionError("align-fixture: --no-check only writes the candidate, so it needs --out FILE.npz")
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / f"{args.mode}.npz"
+        out = args.out or Path(tmp) / f"{args.mode.fixture_name}.npz"
         result = align_fixture(args.fixture, args.mode, out)
         if not args.out:
             result["out"] = None

@@ -201,6 +201,7 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
     others aligned onto them (see the module doc). Each text must fit every member's context.
     Pass a dict as `stats` to get each aligned member's coverage (share of rows it served)."""
     from fusion.align import align_blocks, token_view
+    from fusion.align.modes import DEFAULT
     from fusion.fusing import token_nll
 
     if not members:
@@ -219,7 +220,7 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
             continue
         s_tokens, s_ptr, topk_ids, topk_lp, tail, _ = _member_rows(m, ids[i], top_k, batch_tokens)
         rows = align_blocks(texts, b_tokens, b_ptr, s_tokens, s_ptr, topk_ids, topk_lp, tail,
-                            base_view, token_view(m.tokenizer), None, "default")
+                            base_view, token_view(m.tokenizer), None, DEFAULT)
         present = rows.counts > 0
         with np.errstate(over="ignore"):
             p = np.exp(-token_nll(rows, b_tokens, base.vocab_size, outside="tail"))

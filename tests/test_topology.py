@@ -114,6 +114,19 @@ def test_the_model_card_names_a_teacher_only_where_there_is_one():
 def test_the_fixture_command_takes_the_spec_mode_names(tmp_path, capsys):
     from fusion.cli import main
 
-    for mode in ("reference-hard", "reference-soft", "hard"):
+    for mode in ("reference-hard", "reference-soft", "hard", "soft"):
         assert main(["align-fixture", "--fixture", str(tmp_path / "none"), "--mode", mode, "--out", str(tmp_path / "x.npz")]) == 3
         assert "not a readable alignment fixture" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["align-fixture", "--fixture", str(tmp_path / "none"), "--mode", "default"])
+    assert refused.value.code == 2
+    assert "mode 'default' is not one of reference-hard, reference-soft, hard, soft" in capsys.readouterr().err
+
+
+def test_fixture_mode_names_resolve_to_the_reference_modes():
+    from fusion.align.modes import HARD, SOFT, resolve_reference
+
+    assert resolve_reference("hard") is HARD and resolve_reference("reference-hard") is HARD
+    assert resolve_reference("soft") is SOFT and resolve_reference(SOFT) is SOFT
+    with pytest.raises(FusionError, match="mode 'default' is not one of reference-hard"):
+        resolve_reference("default")
