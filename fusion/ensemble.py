@@ -68,20 +68,20 @@ class Member:
 
 def load_member(path: str | Path, tokenizer: str | Path | None = None, weight: float = 1.0,
                 name: str | None = None) -> Member:
-    """A Hugging Face model folder (float32, eval mode) and its tokenizer (from `tokenizer`, else the folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A Hugging Face model folder (eval mode, on the CPU) and its tokenizer (from `tokenizer`, else the folder)."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FusionError(f"ensemble: {path} is not a model folder (no config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer or path))
-        model = AutoModelForCausalLM.from_pretrained(str(path))
     except Exception as e:  # a broken folder: name it, in one line
         raise FusionError(f"ensemble: cannot load {path} ({type(e).__name__}: {e})") from None
+    model = models.load_folder(path, who="ensemble")
     if weight < 0:
         raise FusionError(f"ensemble: weight of {path} is negative ({weight})")
-    member = Member(name or path.name, model.eval(), tok, weight)
+    member = Member(name or path.name, model, tok, weight)
     if len(tok) > model.config.get_text_config().vocab_size:
         raise FusionError(f"ensemble: {path}: tokenizer has {len(tok)} tokens, the model only "
                           f"{model.config.get_text_config().vocab_size} logits")
@@ -276,7 +276,7 @@ def _members(args) -> list[Member]:
 
 
 def run_cli(args) -> int:
-    from fusion.stages.split import split_text
+    from fusion.corpus import split_text
 
     members = _members(args)
     if args.ensemble_command == "generate":

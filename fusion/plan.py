@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 
 from fusion.errors import FusionError
-from fusion.stages.split import CHARS_PER_TOKEN, FILL
+from fusion.corpus import FILL
+from fusion.stages.split import CHARS_PER_TOKEN
 
 # Stored bytes per token at top-k 10 (split: per byte of text), and where each figure comes from.
 MEASURED = {
