@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parser("schema", help="print the Helm chart's values.schema.json (a run spec plus cluster keys)")
 
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
-    p.add_argument("store", metavar="STORE", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
+    p.add_argument("store", metavar="STORE", help="run store URL (s3://: run.json is read through the AWS environment, "
+                   "the rest through the store_options of the spec it records)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     p = sub.add_parser("report", help="a finished run's report: bits per byte per model and domain, and its files")

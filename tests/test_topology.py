@@ -68,6 +68,19 @@ def test_status_reaches_s3_through_the_spec_store_options(micro, s3_endpoint, s3
     assert report["store"] == f"s3://{s3_bucket}/run" and len(report["parts"]) == len(run.pipeline.outputs())
 
 
+def test_status_of_a_url_reaches_the_store_through_the_recorded_spec(micro, tmp_path):
+    from fusion.status import recorded_run
+
+    options = {"outage_seconds": 7.0, "max_attempts": 3}
+    run = open_run(parse_spec(micro.spec(tmp_path / "store", store_options=options)))
+    run.pipeline.write_record()
+    found, record = recorded_run(str(tmp_path / "store"))
+    assert found.store.url == run.store.url and found.store.outage_seconds == 7.0  # not the default 1800
+    assert record["outputs"] == run.store.read_json(RUN_RECORD)["outputs"]
+    assert recorded_run(run.store)[0].store is run.store  # an open Store is used as it is
+    assert status(str(tmp_path / "store"))["store"] == run.store.url
+
+
 def test_one_shard_commits_no_part_and_all_shards_do(micro, tmp_path):
     run = open_run(parse_spec(micro.spec(tmp_path / "store", **{"split.shard_blocks": 8})))
     n = run.pipeline.shard_count("split", "train")  # from the plan, made on first need
