@@ -19,9 +19,6 @@ from fusion.pipeline import attach
 from fusion.run import RUN_RECORD, Run
 from fusion.store import Store
 
-# the arrays whose rows are tokens: bytes per row is bytes per token there
-TOKEN_ROWS = ("logits", "align", "fuse")
-
 
 def live_leases(store: Store, stage: str, part: str) -> int:
     """Uncommitted shards that a worker holds a live lease on."""
@@ -51,7 +48,8 @@ def status(store: Store | str) -> dict:
     store, pipeline = run.store, run.pipeline
     outputs = record.get("outputs", {})  # none yet: the run is not prepared
     rows = []
-    for stage in pipeline.stages:
+    for stage, stage_record in pipeline.stages.items():
+        per_token = stage_record.stored_per == "token"  # bytes per row is bytes per token there
         for part in pipeline.parts(stage):
             s = shards.part_status(store, stage, part)
             leased = 0 if s.complete else live_leases(store, stage, part)
@@ -65,7 +63,7 @@ def status(store: Store | str) -> dict:
                     "complete": s.complete,
                     "rows": s.rows,
                     "bytes": s.stored_bytes,
-                    "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and stage in TOKEN_ROWS else None,
+                    "bytes_per_row": round(s.stored_bytes / s.rows, 2) if s.rows and per_token else None,
                 }
             )
     return {"run": run.spec.name, "store": store.url, "parts": rows}

@@ -155,4 +155,5 @@ def read_blocks(run: Run, part: str, index: int) -> tuple[list[str], dict[str, n
     return texts, arrays
 
 
-STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, plan=plan, is_done=is_done)
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, plan=plan, is_done=is_done,
+              stored_per="byte of text")
