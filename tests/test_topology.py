@@ -3,6 +3,7 @@ from one place, hashing reads files only, and every launcher runs the same `run_
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import typing
@@ -20,6 +21,62 @@ from fusion.status import status
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = REPO.parent / "shared" / "hooks" / "layers.py"
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Every module of the fusion package under `root` -> the fusion modules it imports,
+    wherever the import stands (one inside a function, a lazy import, is an edge too)."""
+    paths = {}
+    for path in (root / "fusion").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]) if node.level else node.module
+                targets = [base.strip(".")] + [f"{base.strip('.')}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:  # `from fusion.x import name`: the module fusion.x
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def reachable(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        out[start] = seen
+    return out
+
+
+def import_cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected components of more than one module."""
+    reach = reachable(graph)
+    return {frozenset(o for o in reach[m] if m in reach[o]) for m in graph if m in reach[m]}
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}  # the check can fail
+    graph = import_graph(REPO)
+    assert "fusion.tiny" in graph["fusion.corpus"]  # a lazy import (inside a function) is an edge
+    assert "fusion.errors" in graph["fusion.align.modes"]  # so is a relative one
+    assert not import_cycles(graph), sorted(sorted(c) for c in import_cycles(graph))
+    reach = reachable(graph)
+    for algorithm in ("fusion.ensemble", "fusion.moe", "fusion.scoring", "fusion.corpus", "fusion.align"):
+        assert not reach[algorithm] & {"fusion.store", "fusion.shards", "fusion.run"}, algorithm
 
 
 @pytest.mark.skipif(not LAYERS.exists(), reason="the shared import checker is not here")
