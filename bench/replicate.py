@@ -379,7 +379,7 @@ def train_variant(spec: dict, out: Path, method: str, seed: int, tokenizers: dic
 # ---- evaluation ------------------------------------------------------------------------------------
 def heldout_blocks(data: dict, scale: Scale, tokenizers: list) -> dict[str, list[str]]:
     """Held-out text per domain as blocks that every tokenizer turns into at most block_tokens."""
-    from fusion.stages.split import split_text
+    from fusion.corpus import split_text
 
     return {d: [b for p in data[d]["heldout"] for b in split_text(p, tokenizers, scale.block_tokens)] for d in DOMAINS}
 

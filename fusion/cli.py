@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parser("schema", help="print the Helm chart's values.schema.json (a run spec plus cluster keys)")
 
     p = sub.add_parser("status", help="shards, tokens and bytes committed per stage and part")
-    p.add_argument("store", metavar="STORE", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
+    p.add_argument("store", metavar="STORE", help="run store URL (s3://: run.json is read through the AWS environment, "
+                   "the rest through the store_options of the spec it records)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
 
     p = sub.add_parser("report", help="a finished run's report: bits per byte per model and domain, and its files")
@@ -107,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checker (exit 1 if a sequence differs)",
     )
     p.add_argument("--fixture", required=True, metavar="DIR", help="folder in the alignment-fixture format")
-    p.add_argument("--mode", required=True, choices=["reference-hard", "reference-soft", "hard", "soft"],
-                   help="align.mode (hard, soft: the same, short)")
+    p.add_argument("--mode", required=True, type=_fixture_mode, metavar="MODE",
+                   help="reference-hard or reference-soft (hard, soft: the same, short)")
     p.add_argument("--out", metavar="FILE.npz", help="also keep the candidate .npz here (default: a temporary file)")
     p.add_argument("--no-check", action="store_true", help="only write the candidate (needs --out)")
 
@@ -233,12 +234,12 @@ def cmd_train(args) -> int:
     first (from the PyTorchJob's environment) and runs this command in every rank."""
     from fusion.launch import OneShard, Part, run_part
     from fusion.stages import train
-    from fusion.training import distributed
+    from fusion.training import distributed, engine
 
     run = _run(args.spec, args.store, args.set)
     if Part(run, train.NAME, train.PART).is_done(0):
         return 0
-    if run.spec.train.engine == "deepspeed" and not distributed.inside_torchrun():
+    if engine.engine_of(run.spec.train).multi_process and not distributed.inside_torchrun():
         worker_args = [args.spec, *(["--store", args.store] if args.store else []), *(f"--set={s}" for s in args.set)]
         return distributed.launch(worker_args)
     run_part(run, train.NAME, train.PART, OneShard(0))
@@ -325,6 +326,12 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _fixture_mode(name: str):
+    from fusion.align.fixture import mode_argument  # on use: the alignment kernels load only for this command
+
+    return mode_argument(name)
+
+
 def cmd_align_fixture(args) -> int:
     import tempfile
     from pathlib import Path
@@ -334,7 +341,7 @@ def cmd_align_fixture(args) -> int:
     if args.no_check and not args.out:
         raise FusionError("align-fixture: --no-check only writes the candidate, so it needs --out FILE.npz")
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / f"{args.mode}.npz"
+        out = args.out or Path(tmp) / f"{args.mode.fixture_name}.npz"
         result = align_fixture(args.fixture, args.mode, out)
         if not args.out:
             result["out"] = None

@@ -68,20 +68,20 @@ class Member:
 
 def load_member(path: str | Path, tokenizer: str | Path | None = None, weight: float = 1.0,
                 name: str | None = None) -> Member:
-    """A Hugging Face model folder (float32, eval mode) and its tokenizer (from `tokenizer`, else the folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A Hugging Face model folder (eval mode, on the CPU) and its tokenizer (from `tokenizer`, else the folder)."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FusionError(f"ensemble: {path} is not a model folder (no config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer or path))
-        model = AutoModelForCausalLM.from_pretrained(str(path))
     except Exception as e:  # a broken folder: name it, in one line
         raise FusionError(f"ensemble: cannot load {path} ({type(e).__name__}: {e})") from None
+    model = models.load_folder(path, who="ensemble")
     if weight < 0:
         raise FusionError(f"ensemble: weight of {path} is negative ({weight})")
-    member = Member(name or path.name, model.eval(), tok, weight)
+    member = Member(name or path.name, model, tok, weight)
     if len(tok) > model.config.get_text_config().vocab_size:
         raise FusionError(f"ensemble: {path}: tokenizer has {len(tok)} tokens, the model only "
                           f"{model.config.get_text_config().vocab_size} logits")
@@ -201,6 +201,7 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
     others aligned onto them (see the module doc). Each text must fit every member's context.
     Pass a dict as `stats` to get each aligned member's coverage (share of rows it served)."""
     from fusion.align import align_blocks, token_view
+    from fusion.align.modes import DEFAULT
     from fusion.fusing import token_nll
 
     if not members:
@@ -219,7 +220,7 @@ def score_aligned(members: list[Member], texts: list[str], top_k: int = 64, batc
             continue
         s_tokens, s_ptr, topk_ids, topk_lp, tail, _ = _member_rows(m, ids[i], top_k, batch_tokens)
         rows = align_blocks(texts, b_tokens, b_ptr, s_tokens, s_ptr, topk_ids, topk_lp, tail,
-                            base_view, token_view(m.tokenizer), None, "default")
+                            base_view, token_view(m.tokenizer), None, DEFAULT)
         present = rows.counts > 0
         with np.errstate(over="ignore"):
             p = np.exp(-token_nll(rows, b_tokens, base.vocab_size, outside="tail"))
@@ -275,7 +276,7 @@ def _members(args) -> list[Member]:
 
 
 def run_cli(args) -> int:
-    from fusion.stages.split import split_text
+    from fusion.corpus import split_text
 
     members = _members(args)
     if args.ensemble_command == "generate":

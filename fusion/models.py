@@ -184,17 +184,26 @@ def torch_dtype(name: str):
 
 
 def load_model(spec: ModelSpec, device: str | None = "cpu", path: Path | None = None, dtype: str | None = None):
-    """The model in eval mode on `device` (None: wherever loading put it, e.g. DeepSpeed ZeRO-3
-    partitions)."""
-    from transformers import AutoModelForCausalLM
-
+    """A run's model (`spec`, or the folder `path`) in eval mode on `device` (None: wherever
+    loading put it, e.g. DeepSpeed ZeRO-3 partitions)."""
     if path is None:
         build_model(spec)
         path = model_dir(spec)
+    return load_folder(path, dtype or spec.dtype, device, who=f"model '{spec.name}'")
+
+
+def load_folder(path: Path | str, dtype: str | None = None, device: str | None = "cpu", who: str = "model"):
+    """The causal LM in a Hugging Face model folder, in eval mode: weights as `dtype` ("float32",
+    "bfloat16", "float16"; None: transformers' default), on `device` (None: where loading put
+    them). Every model of the package is loaded here; a folder that does not load is a
+    FusionError that starts with `who`."""
+    from transformers import AutoModelForCausalLM
+
+    options = {} if dtype is None else {"dtype": torch_dtype(dtype)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype or spec.dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **options)
     except Exception as e:
-        raise FusionError(f"model '{spec.name}': cannot load {path} ({type(e).__name__}: {e})") from None
+        raise FusionError(f"{who}: cannot load {path} ({type(e).__name__}: {e})") from None
     return (model if device is None else model.to(device)).eval()
 
 

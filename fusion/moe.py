@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fusion.errors import FusionError
 from fusion.merge import read_config, replace_folder, require_mergekit
+from fusion.models import load_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -136,9 +137,9 @@ def train_gates(folder: Path, gates: GateTraining, block_tokens: int = 128) -> N
     """Next-token training of the routers of the mixture in `folder`, in place; all else frozen.
     AdamW at a constant `lr` on random windows of `block_tokens` tokens of the text, each after BOS."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = load_folder(folder, "float32", who="moe: train_gates")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     routers = set(router_names(model))
     for name, p in model.named_parameters():
@@ -176,7 +177,7 @@ def add_cli(sub) -> None:
 
 def run_cli(args) -> int:
     from fusion.ensemble import bits_per_byte, load_member, score_texts
-    from fusion.stages.split import split_text
+    from fusion.corpus import split_text
 
     texts = []
     for path in args.eval_text:  # read first: a bad file fails before the build

@@ -124,6 +124,14 @@ def open_run(spec: RunSpec, store_url: str | None = None, build_models: bool = T
     return attach(Run(spec, store_url), build_models)
 
 
+def topology(spec: RunSpec) -> Pipeline:
+    """The pipeline of `spec` for reading its topology (parts, inputs) only: no model is built,
+    and a memory store stands in for the run's, which is never opened (`fusion plan` runs where
+    the store may be unreachable or its credentials unset). Shard counts and hashes need the
+    real run: open_run."""
+    return open_run(spec, "memory://fusion-topology", build_models=False).pipeline
+
+
 def attach(run: Run, build_models: bool = True) -> Run:
     """Give a Run its pipeline (once) and build its `tiny:` models, so that hashing only reads files."""
     if run.pipeline is None:

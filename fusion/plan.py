@@ -18,6 +18,11 @@ given, GPU-hours (CPU core-hours for the CPU stages). Every input figure says wh
 Blocks are estimated the way split cuts them: each document into pieces of at most
 FILL * block_tokens tokens of its longest tokenization, so a document's last piece is on
 average half full; shards as split plans them (CHARS_PER_TOKEN characters per token).
+
+The rows are the parts of the run's pipeline (fusion/pipeline.py: `topology`, which opens no
+store and builds no model). A spec that names a capture store (`capture.store`) imports the
+split and the sources' logits from it (fusion/capture.py): those rows say so and charge no
+GPU-hours (their bytes are still copied into the run's store).
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fusion import capture
+from fusion.corpus import FILL
 from fusion.errors import FusionError
-from fusion.stages.split import CHARS_PER_TOKEN, FILL
+from fusion.pipeline import STAGES, topology
+from fusion.stages.split import CHARS_PER_TOKEN
 
-# Stored bytes per token at top-k 10 (split: per byte of text), and where each figure comes from.
+# Stored bytes per token at top-k 10 (split: per byte of text), and where each figure comes from:
+# the stages whose stored bytes the plan sizes.
 MEASURED = {
     "split": (0.28, "English prose (corpus-sotu-en) compressed as split stores it"),
     "logits": (20.0, "bench/bench_bytes.py, real text, top-k 10"),
@@ -153,27 +162,26 @@ def target_parameters(model) -> int | None:
 
 
 def pilot_figures(url: str, spec) -> tuple[dict, dict]:
-    """(stored bytes per token per stage, tokens per second per stage) of a pilot run's store."""
+    """(stored bytes per token per stage, tokens per second per stage) of a pilot run's store;
+    for split, whose rows are blocks, stored bytes per byte of text (its Stage's `stored_per`)."""
     from fusion import shards
     from fusion.store import Store
 
     store = Store(url, spec.store_options)
+    pipeline = topology(spec)
     per_token, tokens = {}, {}
-    models = [m.name for m in spec.models.all()]
-    sources = models[1:]
-    parts = {"split": ["train", "heldout"], "logits": models, "align": sources, "fuse": ["train"]}
-    for stage, names in parts.items():
-        stored = rows = 0
-        for part in names:
+    for stage in MEASURED:
+        per_text = STAGES[stage].stored_per == "byte of text"
+        stored = rows = text = 0
+        for part in pipeline.parts(stage):
             status = shards.part_status(store, stage, part)
             stored, rows = stored + status.stored_bytes, rows + status.rows
             tokens[stage] = tokens.get(stage, 0) + status.rows
-        if rows:
-            if stage == "split":  # rows are blocks there: per byte of text instead
-                text = sum(int(r["arrays"]["text"]["shape"][0]) for r in _records(store, "split", "train"))
-                per_token[stage] = stored / max(1, text) if text else None
-            else:
-                per_token[stage] = stored / rows
+            if per_text:
+                text += sum(int(r["arrays"]["text"]["shape"][0]) for r in _records(store, stage, part))
+        units = text if per_text else rows
+        if units:
+            per_token[stage] = stored / units
     if not per_token:
         raise FusionError(f"plan: --pilot {url} holds no committed stage output")
     timings = store.read_json("logs/local-timings.json") or {}
@@ -287,9 +295,8 @@ def make_plan(
             if stage not in throughput:
                 throughput[stage] = v
                 inputs[f"throughput {stage}"] = (round(v, 1), f"pilot {pilot} (its machine)")
-    for stage in ("split", "logits", "align", "fuse"):
-        unit = "per byte of text" if stage == "split" else "per token"
-        inputs[f"stored bytes {unit}: {stage}"] = (round(per_token[stage][0], 2), per_token[stage][1])
+    for stage in MEASURED:
+        inputs[f"stored bytes per {STAGES[stage].stored_per}: {stage}"] = (round(per_token[stage][0], 2), per_token[stage][1])
     for stage, v in throughput.items():
         inputs.setdefault(f"throughput {stage}", (v, "--throughput"))
 
@@ -297,21 +304,31 @@ def make_plan(
         rate = throughput.get(stage)
         return n_tokens / rate / 3600 if rate else None
 
+    # one row per part of the run's pipeline (split's two parts, written together, in one)
+    pipeline = topology(spec)
+    parts = pipeline.parts
+    imported = set(capture.capture_parts(pipeline.run)) if spec.capture.store else set()
+    from_capture = f"imported from capture store {spec.capture.store}"  # copied, not computed: no hours
     plan = Plan(spec.name, spec.store, inputs)
     add = plan.rows.append
-    add(Row("split", "train+heldout", n_shards, round(train_tokens[target.name]), chars * per_token["split"][0], None,
-            "CPU", f"{round(blocks):,} training blocks"))
-    for m in spec.models.sources:
-        add(Row("vocab", m.name, 1, 0, 0.0, None, "CPU", "one mapping table"))
-    for m in models:
-        n = train_tokens[m.name]
-        add(Row("logits", m.name, n_shards, round(n), n * per_token["logits"][0], hours("logits", n), "GPU"))
+    split_imported = {("split", part) for part in parts("split")} <= imported
+    note = f"{round(blocks):,} training blocks" + (f"; {from_capture}" if split_imported else "")
+    add(Row("split", "+".join(parts("split")), n_shards, round(train_tokens[target.name]), chars * per_token["split"][0],
+            None, "CPU", note))
+    for part in parts("vocab"):
+        add(Row("vocab", part, 1, 0, 0.0, None, "CPU", "one mapping table"))
+    for part in parts("logits"):
+        n = train_tokens[part]
+        if ("logits", part) in imported:
+            add(Row("logits", part, n_shards, round(n), n * per_token["logits"][0], 0.0, "GPU", from_capture))
+        else:
+            add(Row("logits", part, n_shards, round(n), n * per_token["logits"][0], hours("logits", n), "GPU"))
     n_target = train_tokens[target.name]
-    fused = [s for s in spec.models.sources if not spec.fuse.sources or s.name in spec.fuse.sources]
-    for m in fused:
-        add(Row("align", m.name, n_shards, round(n_target), n_target * per_token["align"][0],
-                hours("align", train_tokens[m.name]), "CPU"))
-    add(Row("fuse", "train", n_shards, round(n_target), n_target * per_token["fuse"][0], hours("fuse", n_target), "CPU"))
+    for part in parts("align"):
+        add(Row("align", part, n_shards, round(n_target), n_target * per_token["align"][0],
+                hours("align", train_tokens[part]), "CPU"))
+    for part in parts("fuse"):
+        add(Row("fuse", part, n_shards, round(n_target), n_target * per_token["fuse"][0], hours("fuse", n_target), "CPU"))
 
     t = spec.train
     steps = max(1, math.ceil(t.epochs * blocks / t.batch_size))
@@ -319,14 +336,16 @@ def make_plan(
     params = target_params if target_params is not None else target_parameters(target)
     checkpoint = params * OPTIMIZER_BYTES_PER_PARAM if params else 0.0
     weights = params * (2 if target.dtype in ("bfloat16", "float16") else 4) if params else 0.0
-    add(Row("train", "model", 1, round(trained), checkpoint * t.keep_checkpoints + weights, hours("train", trained), "GPU",
+    (part,) = parts("train")
+    add(Row("train", part, 1, round(trained), checkpoint * t.keep_checkpoints + weights, hours("train", trained), "GPU",
             f"{steps:,} steps; {t.keep_checkpoints} checkpoints of {checkpoint / 1e9:,.0f} GB" if params
             else f"{steps:,} steps; checkpoints: give --target-params"))
     scored = 2 + len(spec.models.sources)  # the target before and after, every source
     eval_tokens = sum(heldout_tokens[m.name] for m in models) + heldout_tokens[target.name]
     if spec.eval.max_blocks:
         eval_tokens = min(eval_tokens, spec.eval.max_blocks * spec.split.block_tokens * scored)
-    add(Row("eval", "report", 1, round(eval_tokens), 0.0, hours("eval", eval_tokens), "GPU", f"{scored} models scored"))
+    (part,) = parts("eval")
+    add(Row("eval", part, 1, round(eval_tokens), 0.0, hours("eval", eval_tokens), "GPU", f"{scored} models scored"))
 
     own_lanes = t.lanes // math.gcd(t.lanes, gpus)
     held = own_lanes * 2 * (t.window_shards + 1)

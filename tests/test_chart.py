@@ -494,6 +494,46 @@ def test_workload_labels_tell_the_controller_what_each_computes(rendered):
         assert w["metadata"]["labels"]["app.kubernetes.io/instance"] == "tiny"
 
 
+def micro_spec(**overrides) -> dict:
+    """tests/micro.py's run spec, with its models and corpus where pods would mount them (nothing is built)."""
+    from pathlib import Path
+
+    from tests.micro import Micro
+
+    names = ("target", "src-llama", "src-neox")
+    micro = Micro(Path("/models"), {n: Path(f"/models/{n}") for n in names}, Path("/data/corpus.jsonl"))
+    return micro.spec("s3://fusion-runs/micro", **overrides)
+
+
+def test_the_charts_workloads_compute_exactly_the_pipelines_parts(tmp_path):
+    from fusion.k8s.controller import load_workloads
+    from fusion.pipeline import STAGES, open_run
+
+    spec = micro_spec()
+    workloads = tmp_path / "workloads.yaml"
+    workloads.write_text(render(spec, IMAGES, release="micro").configmap["data"]["workloads.yaml"])
+    run = open_run(parse_spec(spec), build_models=False)
+    computed = [o for w in load_workloads(workloads, run) for o in w.outputs]
+    assert sorted(computed) == sorted((stage, part) for stage in STAGES for part in run.pipeline.parts(stage))
+
+    # a chart rendered from another spec (a source more, a source less) is refused, naming what differs
+    from fusion.errors import FusionError
+
+    three = {"name": "src-gpt2", "path": "/models/src-gpt2"}
+    other = micro_spec(**{"models.sources": [*spec["models"]["sources"], three]})
+    workloads.write_text(render(other, IMAGES, release="micro").configmap["data"]["workloads.yaml"])
+    with pytest.raises(FusionError) as refused:
+        load_workloads(workloads, run)
+    message = str(refused.value)
+    assert "do not match run micro's pipeline" in message
+    assert "micro-vocab-src-gpt2 computes vocab/src-gpt2, which the run does not have" in message
+    assert "micro-align-src-gpt2 computes align/src-gpt2" in message
+    bigger = open_run(parse_spec(other), build_models=False)
+    workloads.write_text(render(spec, IMAGES, release="micro").configmap["data"]["workloads.yaml"])
+    with pytest.raises(FusionError, match="no workload computes vocab/src-gpt2; no workload computes logits/src-gpt2"):
+        load_workloads(workloads, bigger)
+
+
 # ---- placement and lifecycle ---------------------------------------------------------------------
 def test_runtime_class_topology_spread_and_deadlines_reach_only_their_stage(rendered):
     r = rendered["everything"]

@@ -152,9 +152,29 @@ def test_cli_scores_and_generates(members, tmp_path, capsys):
         folders.append(str(tmp_path / name))
     text = tmp_path / "text.txt"
     text.write_text("import os\n\ndef main():\n    return os.getcwd()\n" * 20)
+    capsys.readouterr()  # saving may import DeepSpeed (through transformers), which logs to stdout once
     assert main(["ensemble", "score", *folders, "--text", str(text), "--block-tokens", "64"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["same_vocabulary"] is False and 0 < report["bits_per_byte"] < 20 and report["blocks"] > 1
     assert main(["ensemble", "generate", *folders[:2], "--prompt", "def ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert main(["ensemble", "generate", *folders, "--prompt", "def "]) == 3  # different vocabularies
+
+
+def test_members_load_through_the_one_model_loader(members, tmp_path):
+    from fusion.ensemble import load_member
+    from fusion.errors import FusionError
+    from fusion.models import load_folder
+
+    m = members["gpt2"]
+    m.model.save_pretrained(tmp_path / "gpt2")
+    m.tokenizer.save_pretrained(tmp_path / "gpt2")
+    loaded = load_member(tmp_path / "gpt2")
+    assert not loaded.model.training
+    for name, value in m.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert load_folder(tmp_path / "gpt2", "bfloat16").dtype == torch.bfloat16
+    for weights in (tmp_path / "gpt2").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FusionError, match=r"^ensemble: cannot load .*gpt2"):
+        load_member(tmp_path / "gpt2")

@@ -11,7 +11,7 @@ import pytest
 
 from fusion import shards
 from fusion.cli import main
-from fusion.config import parse_spec
+from fusion.config import load_spec, parse_spec
 from fusion.errors import BAD_INPUT_EXIT_CODE
 from fusion.launch import AllShards, run_part
 from fusion.plan import MEASURED, make_plan
@@ -77,6 +77,31 @@ def test_paper_scale_plan_from_given_figures(capsys):
     assert plan["train"]["lanes_divisible_by_processes"] and plan["train"]["reader_shards_per_rank"] == 16
     assert plan["total"]["gpu_hours"] == pytest.approx(3 * 1.4e9 / 11000 / 3600 + 1.4e9 / 2200 / 3600)
     assert np.isclose(plan["total"]["store_bytes"], sum(s["store_bytes"] for s in plan["stages"]))
+
+
+def test_the_rows_are_the_pipelines_parts_and_a_capture_is_imported_not_charged(capsys):
+    from fusion.pipeline import topology
+
+    paper = ["plan", str(REPO / "jobs/fusellm-minipile.yaml"), "--tokens", "1.4e9", "--documents", "1000000",
+             "--throughput", "logits=11000", "--json"]
+    assert main(paper) == 0
+    computed = json.loads(capsys.readouterr().out)
+    pipeline = topology(load_spec(REPO / "jobs/fusellm-minipile.yaml"))
+    for stage in ("vocab", "logits", "align", "fuse", "train", "eval"):
+        assert [s["part"] for s in computed["stages"] if s["stage"] == stage] == pipeline.parts(stage), stage
+    assert [s["part"] for s in computed["stages"] if s["stage"] == "split"] == ["+".join(pipeline.parts("split"))]
+
+    assert main([*paper, "--set", "capture.store=s3://fusion-captures/minipile"]) == 0
+    captured = json.loads(capsys.readouterr().out)
+    logits = {s["part"]: s for s in captured["stages"] if s["stage"] == "logits"}
+    for source in ("openllama-7b", "mpt-7b"):
+        assert logits[source]["hours"] == 0.0
+        assert logits[source]["note"] == "imported from capture store s3://fusion-captures/minipile"
+        assert logits[source]["store_bytes"] > 0  # still copied into the run's store
+    assert logits["llama-2-7b"]["hours"] == pytest.approx(1.4e9 / 11000 / 3600)  # the target's own: computed
+    split_row = next(s for s in captured["stages"] if s["stage"] == "split")
+    assert split_row["note"].endswith("; imported from capture store s3://fusion-captures/minipile")
+    assert captured["total"]["gpu_hours"] == pytest.approx(computed["total"]["gpu_hours"] / 3)
 
 
 def test_bad_input(capsys, tmp_path):

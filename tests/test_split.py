@@ -1,4 +1,5 @@
-from fusion.stages.split import is_heldout, split_text
+from fusion.corpus import split_text
+from fusion.stages.split import is_heldout
 
 
 def test_blocks_fit_every_tokenizer_and_keep_the_text(micro):

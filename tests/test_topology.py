@@ -3,6 +3,7 @@ from one place, hashing reads files only, and every launcher runs the same `run_
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import typing
@@ -20,6 +21,64 @@ from fusion.status import status
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = REPO.parent / "shared" / "hooks" / "layers.py"
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Every module of the fusion package under `root` -> the fusion modules it imports,
+    wherever the import stands (one inside a function, a lazy import, is an edge too)."""
+    paths = {}
+    for path in (root / "fusion").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + [node.module or ""]) if node.level else node.module
+                targets = [base.strip(".")] + [f"{base.strip('.')}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:  # `from fusion.x import name`: the module fusion.x
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def reachable(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    out = {}
+    for start in graph:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        out[start] = seen
+    return out
+
+
+def import_cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
+    """The strongly connected components of more than one module."""
+    reach = reachable(graph)
+    return {frozenset(o for o in reach[m] if m in reach[o]) for m in graph if m in reach[m]}
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}  # the check can fail
+    graph = import_graph(REPO)
+    assert "fusion.tiny" in graph["fusion.corpus"]  # a lazy import (inside a function) is an edge
+    assert "fusion.errors" in graph["fusion.align.modes"]  # so is a relative one
+    assert not import_cycles(graph), sorted(sorted(c) for c in import_cycles(graph))
+    reach = reachable(graph)
+    algorithms = ["scoring", "fusing", "loss", "sparse", "encoding", "corpus", "align", "models", "tiny", "upscale",
+                  "ensemble", "vote", "merge", "moe"]  # README.md, "Reading the code": they know no store
+    for algorithm in algorithms:
+        assert not reach[f"fusion.{algorithm}"] & {"fusion.store", "fusion.shards", "fusion.run"}, algorithm
 
 
 @pytest.mark.skipif(not LAYERS.exists(), reason="the shared import checker is not here")
@@ -68,6 +127,19 @@ def test_status_reaches_s3_through_the_spec_store_options(micro, s3_endpoint, s3
     assert report["store"] == f"s3://{s3_bucket}/run" and len(report["parts"]) == len(run.pipeline.outputs())
 
 
+def test_status_of_a_url_reaches_the_store_through_the_recorded_spec(micro, tmp_path):
+    from fusion.status import recorded_run
+
+    options = {"outage_seconds": 7.0, "max_attempts": 3}
+    run = open_run(parse_spec(micro.spec(tmp_path / "store", store_options=options)))
+    run.pipeline.write_record()
+    found, record = recorded_run(str(tmp_path / "store"))
+    assert found.store.url == run.store.url and found.store.outage_seconds == 7.0  # not the default 1800
+    assert record["outputs"] == run.store.read_json(RUN_RECORD)["outputs"]
+    assert recorded_run(run.store)[0].store is run.store  # an open Store is used as it is
+    assert status(str(tmp_path / "store"))["store"] == run.store.url
+
+
 def test_one_shard_commits_no_part_and_all_shards_do(micro, tmp_path):
     run = open_run(parse_spec(micro.spec(tmp_path / "store", **{"split.shard_blocks": 8})))
     n = run.pipeline.shard_count("split", "train")  # from the plan, made on first need
@@ -114,6 +186,19 @@ def test_the_model_card_names_a_teacher_only_where_there_is_one():
 def test_the_fixture_command_takes_the_spec_mode_names(tmp_path, capsys):
     from fusion.cli import main
 
-    for mode in ("reference-hard", "reference-soft", "hard"):
+    for mode in ("reference-hard", "reference-soft", "hard", "soft"):
         assert main(["align-fixture", "--fixture", str(tmp_path / "none"), "--mode", mode, "--out", str(tmp_path / "x.npz")]) == 3
         assert "not a readable alignment fixture" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["align-fixture", "--fixture", str(tmp_path / "none"), "--mode", "default"])
+    assert refused.value.code == 2
+    assert "mode 'default' is not one of reference-hard, reference-soft, hard, soft" in capsys.readouterr().err
+
+
+def test_fixture_mode_names_resolve_to_the_reference_modes():
+    from fusion.align.modes import HARD, SOFT, resolve_reference
+
+    assert resolve_reference("hard") is HARD and resolve_reference("reference-hard") is HARD
+    assert resolve_reference("soft") is SOFT and resolve_reference(SOFT) is SOFT
+    with pytest.raises(FusionError, match="mode 'default' is not one of reference-hard"):
+        resolve_reference("default")

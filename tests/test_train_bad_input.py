@@ -146,7 +146,7 @@ def test_torch_engine_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(FusionError, match="train.engine=torch trains in one process, but WORLD_SIZE=2"):
-        distributed.init("torch")
+        distributed.init(engine.TorchEngine)
 
 
 def test_bf16_needs_a_gpu(micro, tmp_path):

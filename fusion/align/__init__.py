@@ -21,7 +21,7 @@ from .tokens import TokenView, content_hash, token_view
 from .modes import MODES, Mode, resolve, vocab_map
 
 
-def align_fixture(fixture_dir, mode: str, out_path) -> dict:
+def align_fixture(fixture_dir, mode: "str | Mode", out_path) -> dict:
     """See fusion/align/fixture.py (imported on use, so that `python -m fusion.align.fixture` runs cleanly)."""
     from .fixture import align_fixture as run
 

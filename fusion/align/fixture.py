@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import FusionError
 from .dtw import diagonal_columns, text_columns
+from .modes import SOFT, Mode, resolve_reference
 from .reference import align_reference, first_token_match
 from .streams import gather_bytes
 from .tokens import TokenView, build_view, codepoints, token_view
@@ -113,23 +114,26 @@ def _columns(base: TokenView, blend: TokenView, base_ids: np.ndarray, blend_ids:
     return text_columns(a_start, a_len, b_start)
 
 
-FIXTURE_MODES = ["reference-hard", "reference-soft", "hard", "soft"]  # the spec's names, and short ones
+def mode_argument(name: str) -> Mode:
+    """The reference mode a command line's --mode names (argparse's `type`)."""
+    try:
+        return resolve_reference(name)
+    except FusionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def align_fixture(fixture_dir, mode: str, out_path) -> dict:
-    """Align every sequence of the fixture in reference mode `mode` ("hard" or "soft", also
-    "reference-hard"/"reference-soft") and write the candidate .npz. Returns {"seconds": time spent
-    aligning (loading excluded), "target_tokens", "sequences", "mode", "out"}."""
+def align_fixture(fixture_dir, mode: str | Mode, out_path) -> dict:
+    """Align every sequence of the fixture in reference mode `mode` ("reference-hard" or
+    "reference-soft", also "hard"/"soft", or the Mode) and write the candidate .npz. Returns
+    {"seconds": time spent aligning (loading excluded), "target_tokens", "sequences", "mode", "out"}."""
     folder = Path(fixture_dir)
-    mode = mode.removeprefix("reference-")
-    if mode not in ("hard", "soft"):
-        raise FusionError(f"align-fixture: mode {mode!r} is not reference-hard or reference-soft")
+    mode = resolve_reference(mode)
     try:
         meta = json.loads((folder / "meta.json").read_text())
         base_strings = json.loads((folder / "base_vocab.json").read_text())
         blend_strings = json.loads((folder / "blend_vocab.json").read_text())
         inputs = np.load(folder / "inputs.npz")
-        mapping = json.loads((folder / "vocab_mapping_default.json").read_text()) if mode == "soft" else None
+        mapping = json.loads((folder / "vocab_mapping_default.json").read_text()) if mode is SOFT else None
     except (OSError, ValueError, KeyError) as exc:
         raise FusionError(f"{folder}: not a readable alignment fixture ({exc})") from exc
     base = _view(folder / "tokenizers", "base")  # the views give bytes (the band's centre); strings and
@@ -171,14 +175,14 @@ def align_fixture(fixture_dir, mode: str, out_path) -> dict:
         tokens += len(b_ids)
     seconds = time.perf_counter() - started
     np.savez(out_path, **out)
-    return {"mode": mode, "sequences": n, "target_tokens": tokens, "seconds": round(seconds, 4),
+    return {"mode": mode.fixture_name, "sequences": n, "target_tokens": tokens, "seconds": round(seconds, 4),
             "tokens_per_second": round(tokens / seconds) if seconds else None, "out": str(out_path)}
 
 
 CHECKER = "check_alignment_fixture.py"
 
 
-def check_candidate(fixture_dir, mode: str, candidate) -> dict:
+def check_candidate(fixture_dir, mode: str | Mode, candidate) -> dict:
     """Run the fixture's own checker (CHECKER, shipped in the fixture folder) on a candidate
     .npz: {"passed", "failed", "failures" (its FAIL lines), "checker"}. The checker compares
     every sequence exactly with the original code's output."""
@@ -188,8 +192,8 @@ def check_candidate(fixture_dir, mode: str, candidate) -> dict:
     checker = Path(fixture_dir) / CHECKER
     if not checker.is_file():
         raise FusionError(f"{fixture_dir}: no {CHECKER} in the fixture; --no-check only writes the candidate")
-    mode = mode.removeprefix("reference-")
-    proc = subprocess.run([sys.executable, str(checker), "--fixture", str(fixture_dir), "--mode", mode,
+    proc = subprocess.run([sys.executable, str(checker), "--fixture", str(fixture_dir), "--mode",
+                           resolve_reference(mode).fixture_name,
                            "--candidate", str(candidate)], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     last = lines[-1] if lines else ""
@@ -204,7 +208,8 @@ def check_candidate(fixture_dir, mode: str, candidate) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusion.align.fixture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fixture", required=True, help="folder in the alignment-fixture format")
-    parser.add_argument("--mode", required=True, choices=FIXTURE_MODES, help="align.mode (hard, soft: the same, short)")
+    parser.add_argument("--mode", required=True, type=mode_argument, metavar="MODE",
+                        help="reference-hard or reference-soft (hard, soft: the same, short)")
     parser.add_argument("--out", required=True, help="candidate .npz to write")
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,8 @@
 
 - "default" (default.py): shared text boundaries, bytes, next-token fallback, tail kept;
 - "reference-hard" / "reference-soft" (reference.py): the paper's DTW alignment, exactly; hard
-  maps tokens by exact spelling, soft through the paper's vocabulary table.
+  maps tokens by exact spelling, soft through the paper's vocabulary table. The alignment
+  fixture and its checker call them "hard" and "soft" (`resolve_reference` takes both names).
 
 blocks.py does what every mode shares (checking the inputs, placing the tokens in the text,
 the rows and their stats); a mode only says how its table is built and which kernel fills rows.
@@ -48,6 +49,7 @@ class Mode:
     build_map: Callable[[TokenView, TokenView], np.ndarray]
     warm: Callable[[TokenView, TokenView], None]
     fill: Callable[..., Filled]
+    fixture_name: str | None = None  # a reference mode's name in the alignment fixture ("hard", "soft")
 
     def vocab_map(self, source: TokenView, target: TokenView) -> np.ndarray:
         """int32 [source.size]: target id per source id, -1 where there is none (cached on disk)."""
@@ -118,9 +120,10 @@ def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_toke
 
 # ---- the registry ---------------------------------------------------------------------------------
 DEFAULT = Mode("default", default_map, _warm_default, _fill_default)
-HARD = Mode("reference-hard", hard_map, _warm_reference, _fill_reference(soft=False))
-SOFT = Mode("reference-soft", soft_map, _warm_reference, _fill_reference(soft=True))
+HARD = Mode("reference-hard", hard_map, _warm_reference, _fill_reference(soft=False), fixture_name="hard")
+SOFT = Mode("reference-soft", soft_map, _warm_reference, _fill_reference(soft=True), fixture_name="soft")
 MODES = {m.name: m for m in (DEFAULT, HARD, SOFT)}
+REFERENCE = {m.fixture_name: m for m in MODES.values() if m.fixture_name}  # "hard", "soft" -> the mode
 
 
 def resolve(mode: str | Mode, where: str = "align") -> Mode:
@@ -130,6 +133,15 @@ def resolve(mode: str | Mode, where: str = "align") -> Mode:
     if mode not in MODES:
         raise FusionError(f"{where}: mode {mode!r} is not one of {', '.join(MODES)}")
     return MODES[mode]
+
+
+def resolve_reference(mode: str | Mode, where: str = "align-fixture") -> Mode:
+    """A reference mode by its spec name (reference-hard) or its fixture name (hard)."""
+    found = mode if isinstance(mode, Mode) else REFERENCE.get(mode) or MODES.get(mode)
+    if found is None or found.fixture_name is None:
+        names = [m.name for m in REFERENCE.values()] + list(REFERENCE)
+        raise FusionError(f"{where}: mode {getattr(mode, 'name', mode)!r} is not one of {', '.join(names)}")
+    return found
 
 
 def vocab_map(source: TokenView, target: TokenView, mode: str | Mode) -> np.ndarray:

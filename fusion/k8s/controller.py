@@ -173,32 +173,58 @@ class Workload:
 
 
 def load_workloads(path: Path, run: Run) -> list[Workload]:
-    """The workloads of the chart, prepare first; inputs and outputs from the run's pipeline."""
+    """The workloads of the chart, prepare first; inputs and outputs from the run's pipeline,
+    whose outputs they must compute exactly, each once (`check_topology`)."""
     attach(run, build_models=False)
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
     except (OSError, yaml.YAMLError) as e:
         raise FusionError(f"{path}: cannot read the workloads ({e})") from None
-    out = []
+    prepare, stages = [], []  # stages: (manifest, its outputs)
     for manifest in docs:
         labels = manifest.get("metadata", {}).get("labels", {})
         stage = labels.get(STAGE_LABEL)
         if manifest.get("kind") not in RESOURCES or stage is None:
             raise FusionError(f"{path}: {manifest.get('kind')} {manifest.get('metadata', {}).get('name')} is no stage workload")
         if stage == PREPARE:
-            out.insert(0, Workload(manifest, [], []))
+            prepare.append(Workload(manifest, [], []))
             continue
         if stage not in STAGES:
             raise FusionError(f"{path}: unknown stage {stage!r} in {manifest['metadata']['name']}")
         parts = [labels[PART_LABEL]] if PART_LABEL in labels else run.pipeline.parts(stage)
-        outputs = [(stage, p) for p in parts]
-        inputs = []
-        for p in parts:
-            inputs += [i for i in run.pipeline.inputs(stage, p) if i not in outputs and i not in inputs]
-        out.append(Workload(manifest, outputs, inputs))
-    if not out or out[0].stage != PREPARE:
+        stages.append((manifest, [(stage, p) for p in parts]))
+    if not prepare:
         raise FusionError(f"{path}: no prepare workload")
+    check_topology(path, run, stages)
+    out = prepare
+    for manifest, outputs in stages:
+        inputs = []
+        for stage, part in outputs:
+            inputs += [i for i in run.pipeline.inputs(stage, part) if i not in outputs and i not in inputs]
+        out.append(Workload(manifest, outputs, inputs))
     return out
+
+
+def check_topology(path: Path, run: Run, stages: list[tuple[dict, list[tuple[str, str]]]]) -> None:
+    """The chart renders one workload per stage and part (helm/fusion/templates/_workloads.tpl);
+    the run's pipeline says what the parts are. A chart rendered from another spec (other
+    models) would leave outputs that no workload computes, and the run would wait forever:
+    refused here, naming every difference."""
+    expected = [(stage, part) for stage in STAGES for part in run.pipeline.parts(stage)]
+    made_by: dict[tuple[str, str], list[str]] = {}
+    for manifest, outputs in stages:
+        for output in outputs:
+            made_by.setdefault(output, []).append(manifest["metadata"]["name"])
+    problems = [f"no workload computes {s}/{p}" for s, p in expected if (s, p) not in made_by]
+    problems += [f"{', '.join(names)} compute{'s' if len(names) == 1 else ''} {s}/{p}, which the run does not have"
+                 for (s, p), names in made_by.items() if (s, p) not in expected]
+    problems += [f"{s}/{p} is computed by {len(names)} workloads ({', '.join(names)})"
+                 for (s, p), names in made_by.items() if (s, p) in expected and len(names) > 1]
+    if problems:
+        raise FusionError(
+            f"{path}: the chart's workloads do not match run {run.spec.name}'s pipeline: {'; '.join(problems)} "
+            f"(render the chart with this run spec as its values)"
+        )
 
 
 # ---- the controller -----------------------------------------------------------------------------

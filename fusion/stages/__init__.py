@@ -15,6 +15,11 @@ Hooks, for the stages that need them (instead of launchers testing stage names):
                                 Pipeline.prepare, which calls it) before a stage with a plan runs
     is_done(run, part, i)       whether shard i is committed, where one task writes several parts
                                 (split writes train and heldout; default: the part's own record)
+
+And what its stored bytes are counted per, for `fusion plan` and `fusion status`:
+
+    stored_per                  "token" (a row of its shards is a token: logits, align, fuse),
+                                "byte of text" (split: the bytes of its blocks' text), or None
 """
 
 from __future__ import annotations
@@ -33,3 +38,4 @@ class Stage:
     run_shard: Callable
     plan: Callable | None = None
     is_done: Callable | None = None
+    stored_per: str | None = None

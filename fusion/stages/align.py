@@ -107,4 +107,4 @@ def read(run: Run, part: str, index: int, target_tokens: np.ndarray | None = Non
     }
 
 
-STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, stored_per="token")

@@ -114,4 +114,4 @@ def decode(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, stored_per="token")

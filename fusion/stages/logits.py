@@ -169,4 +169,4 @@ def decode(stored: dict[str, np.ndarray], names: list[str], k: int) -> dict[str,
     return out
 
 
-STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard)
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, stored_per="token")

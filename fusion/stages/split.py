@@ -2,13 +2,14 @@
 `split.block_tokens` tokens, so that all models see exactly the same text. The target's
 tokenizer plays no part, so that one capture of the sources serves many targets
 (fusion/capture.py); the target's tokens of a block may exceed block_tokens (by the ratio of
-the tokenizers; FILL leaves 10 % of room) up to its own context length.
+the tokenizers; fusion/corpus.py's FILL leaves 10 % of room) up to its own context length.
 
 Text is normalised to Unicode NFC first (several tokenizers normalise, and every model must
 see the same text). A plan (one pass over the corpus, no tokenizing) groups consecutive
 documents into shards by size and marks whole documents as held out; each shard task then
-cuts its documents into blocks and writes two parts: `train` (what the logits stage reads) and `heldout` (what
-evaluation reads). Blocks end at a line break or a space where one is near.
+cuts its documents into blocks (`split_text`, fusion/corpus.py) and writes two parts: `train`
+(what the logits stage reads) and `heldout` (what evaluation reads). Blocks end at a line
+break or a space where one is near.
 
 Arrays per part and shard: text (uint8, the blocks' UTF-8 bytes back to back), text_ptr
 (int64 [blocks+1]), doc (int64 [blocks], document index), domain (uint8 [blocks], index into
@@ -24,9 +25,8 @@ import unicodedata
 import numpy as np
 
 from fusion import shards
-from fusion.corpus import read_documents
+from fusion.corpus import read_documents, split_text
 from fusion.errors import FusionError
-from fusion.models import encode
 from fusion.run import Run
 from fusion.stages import Stage
 
@@ -34,7 +34,6 @@ NAME = "split"
 PARTS = ["train", "heldout"]
 PLAN = "split/_plan.json"
 CHARS_PER_TOKEN = 3  # only for sizing shards; blocks are cut by real token counts
-FILL = 0.9  # first guess of a block's share of block_tokens, leaving room for boundary effects
 
 
 def parts(run: Run) -> list[str]:
@@ -156,68 +155,5 @@ def read_blocks(run: Run, part: str, index: int) -> tuple[list[str], dict[str, n
     return texts, arrays
 
 
-# ---- cutting text into blocks ------------------------------------------------------------------
-def split_text(text: str, tokenizers: list, max_tokens: int) -> list[str]:
-    """Cut text into pieces that each tokenizer turns into at most max_tokens tokens."""
-    if not text.strip():
-        return []
-    cuts = _first_cuts(text, tokenizers, max_tokens)
-    pieces = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
-    out = []
-    for piece, bad in zip(pieces, _too_long(pieces, tokenizers, max_tokens)):
-        out.extend(_halve_until_fit(piece, tokenizers, max_tokens) if bad else [piece])
-    return out
-
-
-def _halve_until_fit(piece: str, tokenizers: list, max_tokens: int) -> list[str]:
-    if not _too_long([piece], tokenizers, max_tokens)[0]:
-        return [piece]
-    if len(piece) == 1:
-        raise FusionError(f"the single character {piece!r} is more than split.block_tokens={max_tokens} tokens")
-    mid = _snap(piece, len(piece) // 2)
-    return _halve_until_fit(piece[:mid], tokenizers, max_tokens) + _halve_until_fit(piece[mid:], tokenizers, max_tokens)
-
-
-def _first_cuts(text: str, tokenizers: list, max_tokens: int) -> list[int]:
-    """Cut points from each tokenizer's offsets: the longest stretch within FILL * max_tokens
-    tokens for every tokenizer, moved back to a line break or space."""
-    ends = []
-    for tok in tokenizers:
-        offsets = encode(tok, [text], offsets=True)["offset_mapping"][0]
-        e = np.maximum.accumulate(np.array([b for _, b in offsets] or [len(text)], dtype=np.int64))
-        ends.append(e)
-    budget = max(1, int(max_tokens * FILL))
-    cuts, start = [0], 0
-    while start < len(text):
-        stop = len(text)
-        for e in ends:
-            first = int(np.searchsorted(e, start, side="right"))
-            if first + budget < len(e):
-                stop = min(stop, int(e[first + budget - 1]))
-        if stop < len(text):
-            stop = _snap(text[start:stop], stop - start) + start
-        stop = max(stop, start + 1)
-        cuts.append(stop)
-        start = stop
-    return cuts
-
-
-def _snap(piece: str, at: int) -> int:
-    """A cut position at or before `at`, moved back to just after a newline or a space if one
-    lies in the second half."""
-    for sep in ("\n", " "):
-        pos = piece.rfind(sep, 0, at)
-        if pos >= at // 2:
-            return pos + 1
-    return max(1, at)
-
-
-def _too_long(pieces: list[str], tokenizers: list, max_tokens: int) -> list[bool]:
-    bad = [False] * len(pieces)
-    for tok in tokenizers:
-        for i, ids in enumerate(encode(tok, pieces)):
-            bad[i] = bad[i] or len(ids) > max_tokens
-    return bad
-
-
-STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, plan=plan, is_done=is_done)
+STAGE = Stage(NAME, parts, inputs, fingerprint, shard_count, run_shard, plan=plan, is_done=is_done,
+              stored_per="byte of text")

@@ -61,7 +61,7 @@ def shard_count(run: Run, part: str) -> int:
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
-    world = distributed.init(run.spec.train.engine)
+    world = distributed.init(engine.engine_of(run.spec.train))
     stop, previous_handler = checkpoint.watch_sigterm()
     lost = False
     try:

@@ -160,7 +160,7 @@ def load(run: Run, world: World, eng: engine.Engine, reader, scratch: Path) -> T
         raise FusionError(
             f"{where} was written by the {latest.get('engine')} engine, this run uses {eng.kind}; use --redo train"
         )
-    if eng.kind == "deepspeed" and latest.get("world_size") != world.size:
+    if eng.state_per_rank and latest.get("world_size") != world.size:
         raise FusionError(
             f"{where} was written by {latest.get('world_size')} ranks, this job has {world.size}: ZeRO partitions are "
             f"per rank; run with {latest.get('world_size')} ranks or --redo train"

@@ -25,7 +25,8 @@ ranks then fetch shards they share with others.)
 
 Memory. A rank holds the decoded shards of the steps ahead of it, at most `budget_shards`
 (its lanes' current windows and the next ones), however large the packed set; besides, 16
-bytes per block of order and index (about 10 MB for MiniPile's 700,000 blocks).
+bytes per block of order and index (`fusion plan` gives a run's blocks: about 1.3 million
+for jobs/fusellm-minipile.yaml, so about 20 MB).
 
 Prefetch. A pool of threads downloads and decodes the shards of upcoming steps, in the order
 they will be needed, up to the budget; a background thread collates the next micro-batches

@@ -154,7 +154,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(engine: str) -> World:
+def init(engine) -> World:
+    """The world of this process for `engine` (an engine class of fusion/training/engine.py,
+    passed in: this module sits below it): one plain process unless it is `multi_process`."""
     import torch
 
     size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
@@ -162,10 +164,10 @@ def init(engine: str) -> World:
         raise FusionError(f"environment: RANK={rank} is not within WORLD_SIZE={size}")
     cuda = torch.cuda.is_available()
     device = f"cuda:{local_rank}" if cuda else "cpu"
-    if engine == "torch":
+    if not engine.multi_process:
         if size != 1:
             raise FusionError(
-                f"train.engine=torch trains in one process, but WORLD_SIZE={size}: set train.engine=deepspeed"
+                f"train.engine={engine.kind} trains in one process, but WORLD_SIZE={size}: set train.engine=deepspeed"
             )
         return World(0, 1, 0, device, False)
 

@@ -94,9 +94,16 @@ def deepspeed_config(spec: TrainSpec, layout: Layout, precision: str) -> dict:
 class Engine:
     """What both engines hold. Each engine (train.engine, resolved once by `build` through
     ENGINES) says how it runs a forward pass, accumulates gradients, steps, saves and loads:
-    TorchEngine in this process, DeepSpeedEngine over torchrun's ranks with ZeRO-2/3."""
+    TorchEngine in this process, DeepSpeedEngine over torchrun's ranks with ZeRO-2/3.
+
+    What launchers and checkpoints ask of an engine before or besides building one are class
+    attributes: `multi_process` (it runs in torchrun's ranks, so a pod starts torchrun first;
+    else it trains in one plain process) and `state_per_rank` (its checkpoint state is split by
+    rank, so a checkpoint resumes only in a world of the same size)."""
 
     kind: ClassVar[str]
+    multi_process: ClassVar[bool]
+    state_per_rank: ClassVar[bool]
     module: object  # the transformers model
     optimizer: object  # torch.optim.AdamW (DeepSpeed wraps it; this is the object that steps)
     scheduler: object  # torch.optim.lr_scheduler.LambdaLR on `optimizer`
@@ -161,6 +168,8 @@ class Engine:
 @dataclass
 class TorchEngine(Engine):
     kind = "torch"
+    multi_process = False
+    state_per_rank = False
 
     def forward(self, batch):
         import torch
@@ -207,6 +216,8 @@ class TorchEngine(Engine):
 @dataclass
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
+    multi_process = True
+    state_per_rank = True  # ZeRO partitions
     ds: object = None  # the DeepSpeed engine
     ds_config: dict | None = None
     hf_ds_config: object | None = None  # while alive, transformers loads ZeRO-3 models partitioned
@@ -285,12 +296,12 @@ def _model_and_optimizer(run: Run, device: str | None, total: int):
     return module, optimizer, schedule
 
 
-def build_torch(run: Run, world: World, total: int, layout: Layout, precision: str) -> TorchEngine:
+def _build_torch(run: Run, world: World, total: int, layout: Layout, precision: str) -> TorchEngine:
     module, optimizer, schedule = _model_and_optimizer(run, world.device, total)
     return TorchEngine(module, optimizer, schedule(optimizer), world, layout, precision, run.spec.train, total)
 
 
-def build_deepspeed(run: Run, world: World, total: int, layout: Layout, precision: str) -> DeepSpeedEngine:
+def _build_deepspeed(run: Run, world: World, total: int, layout: Layout, precision: str) -> DeepSpeedEngine:
     import torch
 
     spec = run.spec.train
@@ -314,7 +325,13 @@ def build_deepspeed(run: Run, world: World, total: int, layout: Layout, precisio
     return DeepSpeedEngine(module, optimizer, scheduler, world, layout, precision, spec, total, ds, ds_config, hf_ds_config)
 
 
-ENGINES = {"torch": build_torch, "deepspeed": build_deepspeed}  # train.engine -> its builder
+ENGINES = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}  # train.engine -> its engine
+_BUILDERS = {TorchEngine: _build_torch, DeepSpeedEngine: _build_deepspeed}
+
+
+def engine_of(spec: TrainSpec) -> type[Engine]:
+    """The engine class train.engine names (its class attributes answer without building one)."""
+    return ENGINES[spec.engine]
 
 
 def build(run: Run, world: World, total: int) -> Engine:
@@ -325,4 +342,4 @@ def build(run: Run, world: World, total: int) -> Engine:
     layout = batch_layout(spec, world.size)
     precision = resolve_precision(spec, world.device)
     torch.manual_seed(spec.seed)
-    return ENGINES[spec.engine](run, world, total, layout, precision)
+    return _BUILDERS[engine_of(spec)](run, world, total, layout, precision)
