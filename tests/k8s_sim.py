@@ -577,7 +577,8 @@ class Cluster:
         and no grace (SIGKILL to the container's process group). The kubelet then reports the
         container as exited 137, as a real one does for a container killed outright."""
         pod = await self.get("Pod", pod_name)
-        p = self.processes[pod["metadata"]["uid"]]
+        p = self.processes.get(pod["metadata"]["uid"])
+        assert p is not None and p.proc.returncode is None, f"pod {pod_name} has no running container to lose"
         os.killpg(p.proc.pid, signal.SIGKILL)
         self.event(f"node of pod {pod_name} lost: its processes killed")
 

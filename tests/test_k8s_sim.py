@@ -99,9 +99,11 @@ def scrape(port: int) -> dict[str, float]:
 async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, operator):
     s3_url, client = s3
     metrics_port = free_port()
-    # With the PyTorchJob a training node is lost mid-training: checkpoints every 10 of its ~100 steps.
+    # With the PyTorchJob a training node is lost mid-training: 3 epochs (~300 steps), a checkpoint
+    # every 10, so that the loss comes long before the end however slowly the test polls.
     checkpoint_every = 10 if operator == "pytorchjob" else 1000
-    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, "train.checkpoint_every": checkpoint_every})
+    train_settings = {"train.checkpoint_every": checkpoint_every, "train.epochs": 3 if operator == "pytorchjob" else 1}
+    spec = micro.spec(f"s3://{BUCKET}/micro", **{"split.shard_blocks": 240, **train_settings})
     spec["store_options"] = {"endpoint_url": s3_url, "region": "us-east-1"}  # what every pod and the controller use
     nodes = 1
     if "engine" in TrainSpec.model_fields:  # several training nodes need the DeepSpeed engine
