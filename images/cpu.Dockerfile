@@ -23,7 +23,9 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation --no-index /src \
 # every pod of a tiny run uses the same ones; --build-arg TINY_MODELS=0 leaves them out.
 ARG TINY_MODELS=1
 ENV FUSION_CACHE_DIR=/opt/fusion/cache TQDM_DISABLE=1 HF_HUB_OFFLINE=1
-RUN if [ "$TINY_MODELS" = 1 ]; then python -c "from fusion import tiny; [tiny.model_path(n) for n in tiny.RECIPES]"; fi
+# (safetensors writes its files 0600: readable by the image's user 10001 only after the chmod)
+RUN if [ "$TINY_MODELS" = 1 ]; then python -c "from fusion import tiny; [tiny.model_path(n) for n in tiny.RECIPES]" \
+    && chmod -R a+rX /opt/fusion/cache; fi
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 10001 fusion \

@@ -509,7 +509,7 @@ class Cluster:
         argv = program + [remap(a, mounts) for a in command[1:] + container.get("args", [])]
         cwd = remap(container["workingDir"], mounts) if "workingDir" in container else str(pod_dir)  # else: the image's WORKDIR
         log = pod_dir / "log.txt"
-        out = open(log, "wb")
+        out = open(log, "ab")  # a pod restarted under its name appends (kubectl logs --previous, too)
         proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=cwd, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         out.close()
         self.processes[pod["metadata"]["uid"]] = Process(proc, log, time.monotonic())
