@@ -81,6 +81,16 @@ def test_a_corpus_whose_only_document_is_held_out_says_so(tmp_path, store, micro
     assert "empty corpus" not in err
 
 
+def test_a_corpus_with_nothing_held_out_is_refused_before_training(tmp_path, store, micro, capsys):
+    """One document at the default fraction goes to training: refused at prepare, not at eval."""
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text('{"text": "One document is all there is."}\n')  # document 0 trains at fractions < 0.055
+    spec = micro.spec(store, **{"corpus.path": str(corpus)})
+    del spec["corpus"]["heldout_fraction"]  # the default, 0.05
+    expect_error(capsys, write(tmp_path, spec), store, "one.jsonl", "no document went to held-out evaluation",
+                 "1 document(s)", "corpus.heldout_fraction=0.05", "raise corpus.heldout_fraction")
+
+
 def test_a_tokenizer_path_that_is_a_file_names_its_folder(tmp_path, store, micro, capsys):
     spec = micro.spec(store)
     tokenizer_file = micro.models["src-neox"] / "tokenizer.json"
