@@ -7,13 +7,16 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import s3fs
 import yaml
 
+from fusion import shards
 from fusion.cli import main
 from fusion.config import StoreOptionsSpec
 from fusion.errors import BAD_INPUT_EXIT_CODE, STORE_UNREACHABLE_EXIT_CODE, FusionError, StoreUnreachable
@@ -116,6 +119,28 @@ def test_full_disk_without_a_tmpfs(tmp_path, monkeypatch):
     with pytest.raises(FusionError, match="cannot write a.json: no space left"):
         store.write_bytes("a.json", b"{1}")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["a.json"]
+
+
+def test_committing_a_part_sweeps_temporaries_a_killed_writer_left(tmp_path):
+    """`*.tmp-*` files older than an hour under the part are removed at its commit; a younger one
+    (a concurrent writer's) and those of other parts stay."""
+    store = Store(str(tmp_path / "run"))
+    record = shards.write_shard(store, "logits", "m", 0, {"ids": np.arange(10, dtype=np.int32)}, "abc", rows=10)
+    part = tmp_path / "run" / "logits" / "m"
+    old = [part / "shard-00001.json.tmp-dead", part / record["path"] / "ids" / "zarr.json.tmp-dead"]
+    young = part / "shard-00001.json.tmp-live"
+    elsewhere = tmp_path / "run" / "logits" / "other" / "shard-00000.json.tmp-dead"
+    two_hours_ago = time.time() - 7200
+    for f in [*old, young, elsewhere]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a write")
+        if f is not young:
+            os.utime(f, (two_hours_ago, two_hours_ago))
+    shards.commit_part(store, "logits", "m", 1, "abc")
+    assert shards.is_part_committed(store, "logits", "m", "abc")
+    assert not any(f.exists() for f in old)
+    assert young.exists() and elsewhere.exists()
+    assert shards.read_shard(store, "logits", "m", 0)["ids"].tolist() == list(range(10))
 
 
 # ---- S3 stores -----------------------------------------------------------------------------------
