@@ -68,6 +68,23 @@ def test_store_under_proc(micro, tmp_path, capsys):
     one_line_naming(err, "file:///proc/fusion-test/run", "cannot")
 
 
+def test_permission_denied(micro, tmp_path, monkeypatch, capsys):
+    """A folder the user may not write in (EACCES, injected: root ignores permission bits)."""
+    store = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "locked")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, err = cli(capsys, "prepare", micro.write_spec(tmp_path / "spec.yaml", store))
+    assert code == BAD_INPUT_EXIT_CODE
+    one_line_naming(err, f"file://{store}", "permission denied")
+    assert not store.exists()
+
+
 def test_store_through_a_file(micro, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     spec = micro.write_spec(tmp_path / "spec.yaml", tmp_path / "notes.txt" / "run")
@@ -184,6 +201,21 @@ def test_unreachable_endpoint_exits_to_be_retried(micro, tmp_path, capsys):
     assert lines[0].startswith("[fusion] store s3://runs/run: unreachable (EndpointConnectionError"), err
     assert lines[-1].startswith("fusion: error: store s3://runs/run: unreachable for "), err
     assert "nothing is lost" in lines[-1]
+
+
+def test_no_credentials_at_all(micro, tmp_path, monkeypatch, capsys):
+    """No keys in the environment or store_options, no credentials file, no instance metadata:
+    refused before any request is sent (nothing listens at the endpoint)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
+    code, err = cli(capsys, "prepare", s3_spec(micro, tmp_path, "s3://runs/run", endpoint, outage_seconds=3))
+    assert code == BAD_INPUT_EXIT_CODE
+    one_line_naming(err, "s3://runs/run", "no usable credentials")
 
 
 def test_unreachable_store_in_process_raises_its_own_error():
