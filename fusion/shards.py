@@ -17,7 +17,8 @@ shard at once (a lease taken over from a worker that was only slow). Each writes
 complete folder, or the very same bytes to the same keys; the record, created at most once,
 decides which folder counts. No writer ever deletes or half-overwrites what another reads.
 Folders that no record names (left by killed or outraced writers) are removed when the part
-is committed.
+is committed, and so are temporary files that killed writers left on local disks (once they are
+STALE_TEMPORARY_SECONDS old, so that a concurrent writer's is never pulled from under it).
 
 A shard's group is encoded in memory and uploaded object by object: each array is stored with
 Zarr's sharding codec, so it is one object (up to SHARD_BYTES uncompressed) of inner chunks of
@@ -47,6 +48,7 @@ SHARD_BYTES = 256 << 20  # uncompressed bytes of one stored object (a Zarr shard
 BLOSC_LEVEL = 5  # Blosc's scale: zstd level 9 inside
 ZSTD_LEVEL = 9
 COMMITTED = "_COMMITTED.json"
+STALE_TEMPORARY_SECONDS = 3600  # a live temporary file exists for the moments of one write
 
 
 def shard_name(index: int) -> str:
@@ -317,7 +319,8 @@ def committed_indices(store: Store, stage: str, part: str) -> set[int]:
 
 def commit_part(store: Store, stage: str, part: str, n_shards: int, config_hash: str) -> None:
     """Create _COMMITTED.json once every shard of the part has its record (any worker may
-    call this; the first creates it), and remove array folders no record names."""
+    call this; the first creates it), and remove array folders no record names and stale
+    temporary files."""
     rel = f"{part_dir(stage, part)}/{COMMITTED}"
     if is_part_committed(store, stage, part, config_hash):
         return
@@ -333,6 +336,7 @@ def commit_part(store: Store, stage: str, part: str, n_shards: int, config_hash:
     for name in store.list(part_dir(stage, part)):
         if ARRAY_FOLDER.match(name) and name not in named:
             store.remove(f"{part_dir(stage, part)}/{name}")
+    store.sweep_temporaries(part_dir(stage, part), STALE_TEMPORARY_SECONDS)
     store.create(rel, json_bytes({"stage": stage, "part": part, "config_hash": config_hash, **totals}))
     is_part_committed(store, stage, part, config_hash)  # another config's marker won the race: an error
 

@@ -248,7 +248,8 @@ class Store:
     def _local_tmp(self, path: str, blob: bytes, sync: bool = True) -> str:
         """The blob in a fresh temporary file beside `path`, to be renamed or linked into place.
         A write that fails (a full disk) removes its temporary file; one left by a killed process
-        is never read (no record names it)."""
+        is never read (no record names it) and is swept when its part is committed
+        (`sweep_temporaries`)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -261,6 +262,28 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
             raise
         return tmp
+
+    def sweep_temporaries(self, rel: str, older_than: float) -> list[str]:
+        """Remove the temporary files (`_local_tmp`) under rel that are older than `older_than`
+        seconds: left by killed processes, since a live write holds its own for moments only.
+        File stores only (other stores put objects whole, leaving none). Returns what it removed."""
+        folder = self.local_path(rel)
+        if folder is None:
+            return []
+
+        def sweep():
+            removed = []
+            cutoff = time.time() - older_than
+            for tmp in folder.rglob("*.tmp-*"):
+                try:
+                    if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                        tmp.unlink()
+                        removed.append(tmp.relative_to(folder).as_posix())
+                except FileNotFoundError:  # another process swept it first
+                    pass
+            return removed
+
+        return self._do(f"remove stale temporary files under {rel}", sweep)
 
     # ---- many objects at once (a shard's arrays) ------------------------------------------
     def put_objects(self, objects: dict[str, bytes]) -> None:

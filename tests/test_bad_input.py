@@ -81,6 +81,16 @@ def test_a_corpus_whose_only_document_is_held_out_says_so(tmp_path, store, micro
     assert "empty corpus" not in err
 
 
+def test_a_corpus_with_nothing_held_out_is_refused_before_training(tmp_path, store, micro, capsys):
+    """One document at the default fraction goes to training: refused at prepare, not at eval."""
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text('{"text": "One document is all there is."}\n')  # document 0 trains at fractions < 0.055
+    spec = micro.spec(store, **{"corpus.path": str(corpus)})
+    del spec["corpus"]["heldout_fraction"]  # the default, 0.05
+    expect_error(capsys, write(tmp_path, spec), store, "one.jsonl", "no document went to held-out evaluation",
+                 "1 document(s)", "corpus.heldout_fraction=0.05", "raise corpus.heldout_fraction")
+
+
 def test_a_tokenizer_path_that_is_a_file_names_its_folder(tmp_path, store, micro, capsys):
     spec = micro.spec(store)
     tokenizer_file = micro.models["src-neox"] / "tokenizer.json"
@@ -125,3 +135,27 @@ def test_real_process_exit_code(tmp_path, store):
     proc = subprocess.run([sys.executable, "-m", "fusion", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == BAD_INPUT_EXIT_CODE
     assert proc.stderr.strip().count("\n") == 0 and "malformed YAML" in proc.stderr
+
+
+def test_a_block_its_tokens_do_not_spell_names_the_align_shard(tmp_path, store, micro, monkeypatch, capsys):
+    """Logits computed on one text, aligned against another: one line naming the shard, the
+    source and the target, and no aligned shard committed."""
+    from fusion.stages import split
+
+    spec = micro.spec(store, **{"corpus.max_documents": 6, "split.shard_blocks": 400})  # one shard
+    spec["models"]["sources"] = spec["models"]["sources"][:1]
+    path = write(tmp_path, spec)
+    code, err = run_cli(capsys, "run", str(path), "--stages", "split,vocab,logits")
+    assert code == 0, err
+    read_blocks = split.read_blocks
+
+    def changed_under_the_logits(run, part, index):
+        texts, arrays = read_blocks(run, part, index)
+        return ["#" + texts[0], *texts[1:]], arrays
+
+    monkeypatch.setattr(split, "read_blocks", changed_under_the_logits)
+    code, err = run_cli(capsys, "stage", "align", str(path), "--shard", "0")
+    assert code == BAD_INPUT_EXIT_CODE
+    assert err.startswith("fusion: error: align shard 0, source 'src-llama', target 'target': ") and "\n" not in err, err
+    assert "do not spell" in err, err
+    assert not list((store / "align").rglob("shard-*.json"))

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -6,12 +7,21 @@ import yaml
 from fusion.config import RunSpec, load_spec, parse_spec
 from fusion.errors import FusionError
 
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
 MINIMAL = {
     "name": "t",
     "store": "runs/t",
     "models": {"target": {"name": "tgt", "path": "m/t"}, "sources": [{"name": "a", "path": "m/a"}]},
     "corpus": {"path": "c.jsonl"},
 }
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_every_job_file_is_a_valid_spec(job):
+    """The schema alone: no model is built or loaded, no path is looked at."""
+    spec = load_spec(job)
+    assert spec.name == job.stem
 
 
 def test_minimal_spec_gets_defaults():

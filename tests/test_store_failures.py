@@ -7,13 +7,16 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import s3fs
 import yaml
 
+from fusion import shards
 from fusion.cli import main
 from fusion.config import StoreOptionsSpec
 from fusion.errors import BAD_INPUT_EXIT_CODE, STORE_UNREACHABLE_EXIT_CODE, FusionError, StoreUnreachable
@@ -63,6 +66,23 @@ def test_store_under_proc(micro, tmp_path, capsys):
     code, err = cli(capsys, "prepare", spec)
     assert code == BAD_INPUT_EXIT_CODE
     one_line_naming(err, "file:///proc/fusion-test/run", "cannot")
+
+
+def test_permission_denied(micro, tmp_path, monkeypatch, capsys):
+    """A folder the user may not write in (EACCES, injected: root ignores permission bits)."""
+    store = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "locked")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, err = cli(capsys, "prepare", micro.write_spec(tmp_path / "spec.yaml", store))
+    assert code == BAD_INPUT_EXIT_CODE
+    one_line_naming(err, f"file://{store}", "permission denied")
+    assert not store.exists()
 
 
 def test_store_through_a_file(micro, tmp_path, capsys):
@@ -118,6 +138,28 @@ def test_full_disk_without_a_tmpfs(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["a.json"]
 
 
+def test_committing_a_part_sweeps_temporaries_a_killed_writer_left(tmp_path):
+    """`*.tmp-*` files older than an hour under the part are removed at its commit; a younger one
+    (a concurrent writer's) and those of other parts stay."""
+    store = Store(str(tmp_path / "run"))
+    record = shards.write_shard(store, "logits", "m", 0, {"ids": np.arange(10, dtype=np.int32)}, "abc", rows=10)
+    part = tmp_path / "run" / "logits" / "m"
+    old = [part / "shard-00001.json.tmp-dead", part / record["path"] / "ids" / "zarr.json.tmp-dead"]
+    young = part / "shard-00001.json.tmp-live"
+    elsewhere = tmp_path / "run" / "logits" / "other" / "shard-00000.json.tmp-dead"
+    two_hours_ago = time.time() - 7200
+    for f in [*old, young, elsewhere]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"half a write")
+        if f is not young:
+            os.utime(f, (two_hours_ago, two_hours_ago))
+    shards.commit_part(store, "logits", "m", 1, "abc")
+    assert shards.is_part_committed(store, "logits", "m", "abc")
+    assert not any(f.exists() for f in old)
+    assert young.exists() and elsewhere.exists()
+    assert shards.read_shard(store, "logits", "m", 0)["ids"].tolist() == list(range(10))
+
+
 # ---- S3 stores -----------------------------------------------------------------------------------
 def s3_spec(micro, tmp_path, store: str, endpoint: str, **options) -> Path:
     spec = micro.spec(store)
@@ -159,6 +201,21 @@ def test_unreachable_endpoint_exits_to_be_retried(micro, tmp_path, capsys):
     assert lines[0].startswith("[fusion] store s3://runs/run: unreachable (EndpointConnectionError"), err
     assert lines[-1].startswith("fusion: error: store s3://runs/run: unreachable for "), err
     assert "nothing is lost" in lines[-1]
+
+
+def test_no_credentials_at_all(micro, tmp_path, monkeypatch, capsys):
+    """No keys in the environment or store_options, no credentials file, no instance metadata:
+    refused before any request is sent (nothing listens at the endpoint)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    endpoint = f"http://127.0.0.1:{free_ports(1)[0]}"
+    code, err = cli(capsys, "prepare", s3_spec(micro, tmp_path, "s3://runs/run", endpoint, outage_seconds=3))
+    assert code == BAD_INPUT_EXIT_CODE
+    one_line_naming(err, "s3://runs/run", "no usable credentials")
 
 
 def test_unreachable_store_in_process_raises_its_own_error():

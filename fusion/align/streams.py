@@ -332,8 +332,17 @@ def check_placeable(tokenizer, view: TokenView, name: str) -> None:
     """FusionError naming the model and an example if the tokenizer's tokens of some probe text
     spell neither the text nor its normalization (`locate`): alignment could never place them."""
     for probe in PROBES:
-        ids = tokenizer(probe, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = _checked(view, tokenizer(probe, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+                       f"model '{name}'")
         try:
-            locate(view, np.asarray(ids, dtype=np.int64), probe.encode("utf-8"), f"model '{name}'")
-        except FusionError as e:
-            raise FusionError(f"{e} (probe text {probe!r}): this tokenizer cannot be aligned") from None
+            locate(view, ids, probe.encode("utf-8"), f"model '{name}'")
+        except FusionError:
+            spelled = gather_bytes(view.data, view.ptr, ids).tobytes().decode("utf-8", "replace")
+            raise FusionError(
+                f"model '{name}': its tokens of the probe text {_short(probe)} spell {_short(spelled)}, not the "
+                f"text: this tokenizer cannot be aligned (it drops or changes characters)"
+            ) from None
+
+
+def _short(text: str, chars: int = 40) -> str:
+    return repr(text if len(text) <= chars else text[:chars] + "...")

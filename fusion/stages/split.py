@@ -76,11 +76,12 @@ def plan(run: Run) -> dict:
     for n, (text, domain) in enumerate(read_documents(spec.corpus)):
         domains.setdefault(domain, len(domains))
         size += len(text)
-        with_text += bool(text.strip())
-        if is_heldout(n, fraction):
-            heldout += 1
-        elif text.strip():
-            train += 1
+        if text.strip():
+            with_text += 1
+            if is_heldout(n, fraction):
+                heldout += 1
+            else:
+                train += 1
         if size >= budget:
             shard_ranges.append([start, n + 1])
             start, size = n + 1, 0
@@ -93,6 +94,11 @@ def plan(run: Run) -> dict:
             f"corpus.path: {spec.corpus.path}: all {with_text} document(s) with text went to held-out evaluation "
             f"(corpus.heldout_fraction={fraction:g} draws each document by a hash of its index), none is left to "
             f"train on; add documents, or lower corpus.heldout_fraction (0 trains on all, leaving eval nothing)"
+        )
+    if heldout == 0 and fraction > 0:  # found here, not after training, when eval has nothing to score
+        raise FusionError(
+            f"corpus.path: {spec.corpus.path}: no document went to held-out evaluation ({with_text} document(s) "
+            f"with text, corpus.heldout_fraction={fraction:g}); add documents or raise corpus.heldout_fraction"
         )
     if start < n:
         shard_ranges.append([start, n])
