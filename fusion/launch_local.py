@@ -46,6 +46,6 @@ def run_all(run: Run, stages: list[str] | None = None, progress=None) -> dict[st
         started = time.perf_counter()
         for part in run.pipeline.parts(stage):
             run_part(run, stage, part, AllShards())
-        timings[stage] = round(time.perf_counter() - started, 2)
+        timings[stage] = round(time.perf_counter() - started, 3)
         progress.stage_done(stage, count, timings[stage])
     return timings

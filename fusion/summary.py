@@ -85,7 +85,7 @@ class Progress:
         computed, reused = count.pending, count.total - count.pending
         recorded = self.timings.get(stage)
         if computed:
-            self.timings[stage] = round(seconds, 2)
+            self.timings[stage] = round(seconds, 3)  # ms: a stage whose maps were cached takes a few
         self.outcomes[stage] = (computed, reused, seconds)
         self.run.store.write_json(TIMINGS, self.timings)
         if computed and reused:
