@@ -20,7 +20,12 @@ words and over characters:
     oracle-<crowd>             the crowd's candidate closest to the reference: the ceiling of
                                any selection rule, not a method
 
-Prints one JSON object and writes it to bench/results/vote[-quick].json.
+Beside the scores, two diagnostics say whether a comparison means anything: the share of a
+system's outputs that are degenerate (fewer than 3 distinct words: one word repeated, or only
+spaces and newlines), and for each vote the share of prompts where two candidates tied for the
+most agreement with different texts, so the rule picked the earlier member in the crowd's order.
+
+Prints a table and, last, one JSON line, and writes the JSON to bench/results/vote[-quick].json.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import replicate  # noqa: E402  (bench/replicate.py: data, models, scale)
 
-from fusion.vote import SIMILARITIES, choose, load_voter, rouge_l_chars, rouge_l_words  # noqa: E402
+from fusion.vote import SIMILARITIES, choose, load_voter, rouge_l_chars, rouge_l_words, words  # noqa: E402
+
+FEW_WORDS = 3  # an output with fewer distinct words than this is degenerate (one word repeated, or only spaces)
 
 
 def prompts(data: dict, domain: str, n: int, prompt_chars: int, continuation_chars: int) -> list[tuple[str, str]]:
@@ -54,8 +61,24 @@ def prompts(data: dict, domain: str, n: int, prompt_chars: int, continuation_cha
     return out
 
 
-def scores(candidate: str, reference: str) -> tuple[float, float]:
-    return rouge_l_words(candidate, reference), rouge_l_chars(candidate, reference)
+def scores(candidate: str, reference: str) -> tuple[float, float, bool]:
+    """Word and character ROUGE-L against the reference, and whether the candidate is degenerate."""
+    degenerate = len(set(words(candidate))) < FEW_WORDS
+    return rouge_l_words(candidate, reference), rouge_l_chars(candidate, reference), degenerate
+
+
+def markdown(table: dict) -> str:
+    """The results as a markdown table: word ROUGE-L per domain, the means, and the diagnostics."""
+    lines = ["| system | sotu | docs | code | mean word ROUGE-L ± s.e. | mean char ROUGE-L | degenerate outputs "
+             "| votes decided by member order | n |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for system, row in table.items():
+        m = row["mean"]
+        tied = f"{m['tied']:.0%}" if "tied" in m else ""
+        lines.append(f"| {system} | " + " | ".join(f"{row[d]['rouge_l_word']:.3f}" for d in replicate.DOMAINS)
+                     + f" | {m['rouge_l_word']:.3f} ± {m['word_std_error']:.3f} | {m['rouge_l_char']:.3f} "
+                     f"| {m['degenerate']:.0%} | {tied} | {m['n']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ensemble = Ensemble([load_member(folders[n]) for n in replicate.EXPERTS])
     crowds = {"experts": replicate.EXPERTS, "sources": replicate.SOURCES, "all": names}
 
-    results: dict[str, dict[str, list]] = {}  # system -> domain -> [(word, char)] per prompt
+    results: dict[str, dict[str, list]] = {}  # system -> domain -> [(word, char, degenerate)] per prompt
+    tied: dict[str, int] = {}  # vote -> prompts where different candidates shared the top score (the earlier won)
     seconds: dict[str, float] = {}
 
     def record(system: str, domain: str, candidate: str, reference: str) -> None:
@@ -109,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 candidates = [texts[n] for n in members]
                 for kind in SIMILARITIES:
                     t = time.perf_counter()
-                    winner, _ = choose(candidates, kind, embedder.embed if kind == "embedding" else None)
+                    winner, agreement = choose(candidates, kind, embedder.embed if kind == "embedding" else None)
                     key = f"vote-{crowd}-{kind}"
                     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+                    top = {candidates[i] for i in np.flatnonzero(agreement == agreement[winner])}
+                    tied[key] = tied.get(key, 0) + int(len(top) > 1)  # different texts at the top: order decided
                     record(key, domain, candidates[winner], reference)
                 best = max(candidates, key=lambda c: rouge_l_words(c, reference))
                 record(f"oracle-{crowd}", domain, best, reference)
@@ -125,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                            "n": len(pairs)}
         every = np.array([p for pairs in per_domain.values() for p in pairs])
         row["mean"] = {"rouge_l_word": round(float(every[:, 0].mean()), 4), "rouge_l_char": round(float(every[:, 1].mean()), 4),
-                       "word_std_error": round(float(every[:, 0].std(ddof=1) / np.sqrt(len(every))), 4), "n": len(every)}
+                       "word_std_error": round(float(every[:, 0].std(ddof=1) / np.sqrt(len(every))), 4),
+                       "n": len(every), "degenerate": round(float(every[:, 2].mean()), 3)}
+        if system in tied:
+            row["mean"]["tied"] = round(tied[system] / len(every), 3)
         table[system] = row
     best_member = max(names, key=lambda n: table[n]["mean"]["rouge_l_word"])
     report = {
         "benchmark": "held-out continuation: ROUGE-L F1 of greedy continuations against the real text",
-        "command": "python bench/bench_vote.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python bench/bench_vote.py", *(sys.argv[1:] if argv is None else argv)]),
         "scale": "quick" if args.quick else "full", "torch_threads": torch.get_num_threads(),
         "settings": {k: getattr(args, k) for k in ("prompts", "prompt_chars", "continuation_chars", "max_new_tokens")},
         "best_member": best_member,
@@ -140,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "results": table,
     }
-    text = json.dumps(report, indent=1)
     Path(args.report).mkdir(parents=True, exist_ok=True)
-    (Path(args.report) / ("vote-quick.json" if args.quick else "vote.json")).write_text(text + "\n")
-    print(text)
+    path = Path(args.report) / ("vote-quick.json" if args.quick else "vote.json")
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(table))
+    print(json.dumps(report))
     return 0
 
 

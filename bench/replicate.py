@@ -451,12 +451,12 @@ def merges(models: dict[str, Path], out: Path) -> dict[str, Path]:
     return folders
 
 
-def mixtures(models: dict[str, Path], data: dict, scale: Scale, out: Path) -> dict[str, Path]:
-    """Mixtral-style mixtures of the experts (fusion.moe) on the target's attention: routers from
-    hidden states of pieces of each expert's pretraining domain, then also briefly trained."""
-    from fusion.moe import build_moe
-
+def moe_configs(models: dict[str, Path], data: dict, scale: Scale, out: Path) -> dict[str, dict]:
+    """method -> the mergekit-moe configuration (plus `train_gates`) of each mixture of the
+    experts: routers from hidden states of pieces of each expert's pretraining domain, and the
+    same routers then briefly trained on the continual mix (written to <out>/data/mix.txt)."""
     mix_text = out / "data" / "mix.txt"
+    mix_text.parent.mkdir(parents=True, exist_ok=True)
     mix_text.write_text("\n\n".join(p for d in DOMAINS for p in data[d]["mix"]))
     config = {"base_model": str(models["target"]), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
               "experts": [{"source_model": str(models[f"exp-{d}"]),
@@ -464,8 +464,15 @@ def mixtures(models: dict[str, Path], data: dict, scale: Scale, out: Path) -> di
                           for d in DOMAINS]}
     trained = {**config, "train_gates": {"text": [str(mix_text)], "steps": scale.gate_steps, "lr": 1e-3,
                                          "batch": scale.batch}}
+    return {"moe-hidden": config, "moe-trained": trained}
+
+
+def mixtures(models: dict[str, Path], data: dict, scale: Scale, out: Path) -> dict[str, Path]:
+    """Mixtral-style mixtures of the experts (fusion.moe) on the target's attention (moe_configs)."""
+    from fusion.moe import build_moe
+
     folders = {}
-    for method, cfg in {"moe-hidden": config, "moe-trained": trained}.items():
+    for method, cfg in moe_configs(models, data, scale, out).items():
         folder = out / "models" / method
         key = hashlib.sha256(b"".join((models[n] / "recipe.json").read_bytes() for n in ["target", *EXPERTS])).hexdigest()
         key += json.dumps(cfg, sort_keys=True)
