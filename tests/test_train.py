@@ -378,3 +378,16 @@ def test_torchrun_arguments_from_the_trainjob_environment():
         "--nnodes=4", "--nproc-per-node=auto", "--rdzv-backend=c10d", "--rdzv-endpoint=fuse-train-node-0-0.fuse-train:29400",
         "--rdzv-id=fusion-train", "-m", "fusion", "train", "/etc/fusion/run.yaml",
     ]
+
+
+def test_training_without_tensorboard_logs_a_line_and_goes_on(monkeypatch, capsys, tmp_path):
+    """tensorboard comes with the `train` extra only: an install without it (the CPU image) trains
+    all the same, without the curves, and says so once."""
+    import sys
+
+    from fusion.training import metrics
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it raises ImportError
+    world = distributed.World(rank=0, size=1, local_rank=0, device="cpu", distributed=False)
+    assert metrics.open_board(None, world, tmp_path, 0) is None
+    assert "tensorboard is not installed" in capsys.readouterr().err

@@ -27,6 +27,7 @@ everything under logs/, it is no output: nothing that commits, hashes or compare
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,7 +68,12 @@ class Board:
 def open_board(run: Run, world: World, scratch: Path, start_step: int) -> Board | None:
     if not world.main:
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard comes with the `train` extra; the CPU image and a bare install lack it
+        print("[fusion] train: tensorboard is not installed (pip install 'fusion-llm[train]'): no TensorBoard "
+              "curves; every step is still logged in the model's train_log.json", file=sys.stderr, flush=True)
+        return None
 
     if start_step == 0:
         run.store.remove(TENSORBOARD)  # a fresh start: curves of an earlier run would mislead
