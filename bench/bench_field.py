@@ -1,7 +1,8 @@
 """What each way of combining models costs: the user-facing command's time and memory, and the
 result's inference cost per token.
 
-    python bench/bench_field.py          # on the replication's quick-scale models (built first if absent)
+    python bench/bench_field.py     # 5 min on 2 cores; the replication's quick-scale models are built
+                                    # first if absent (25 min on a loaded machine)
 
 The models are bench/replicate.py's quick-scale ones (same work folder, runs/replicate-quick,
 built by the same code if absent): the target and its three experts (Llama, 2 layers of width
