@@ -26,13 +26,13 @@ everything under logs/, it is no output: nothing that commits, hashes or compare
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fusion.errors import FusionError
 from fusion.run import Run
 from fusion.store import Store
 from fusion.training.distributed import World
@@ -152,10 +152,9 @@ class Progress:
 def read_progress(store: Store, config_hash: str) -> dict | None:
     """The progress record if it is this training's (one an earlier run of other settings left
     is not), else None."""
-    blob = store.read_bytes(PROGRESS)
     try:
-        record = json.loads(blob) if blob else None
-    except ValueError:
+        record = store.read_json(PROGRESS)
+    except FusionError:  # not JSON: the status shows no progress rather than stop the controller
         return None
     if not isinstance(record, dict) or record.get("config_hash") != config_hash:
         return None
