@@ -97,6 +97,12 @@ class SplitSpec(Strict):
 
 class LogitsSpec(Strict):
     top_k: int = Field(10, ge=1, le=255, description="Entries kept per position.")
+    continuations: int = Field(
+        4, ge=0, le=255,
+        description="Entries kept per byte boundary inside a position's real token (its continuation rows: what "
+        "the model says follows the bytes written so far; they let a target whose boundaries fall inside this "
+        "model's tokens be taught there). 0: none.",
+    )
     batch_tokens: int = Field(16384, ge=64, description="Tokens per forward batch, padding included.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -46,10 +46,17 @@ class TopK:
     """A causal LM that returns, for the real positions of a batch, top-k ids and log-probs,
     the tail mass and the real token's NLL, computed on the model's device."""
 
-    def __init__(self, model, k: int, device: str):
+    def __init__(self, model, k: int, device: str, continuations=None):
+        """continuations: (fusion.continuations.PrefixRanges of the model's tokenizer, entries per
+        row) to add each block's continuation rows to its results; None: none."""
         import torch
 
         self.model, self.k, self.device = model, k, device
+        self.continuations = None
+        if continuations is not None:
+            from fusion.continuations import OnDevice
+
+            self.continuations = (OnDevice(continuations[0], device), continuations[1])
         self.head = model.get_output_embeddings()
         self.body = getattr(model, model.base_model_prefix, None)
         if not hasattr(model, "_fusion_split_head"):  # probed once per model object
@@ -67,7 +74,9 @@ class TopK:
         return full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
 
     def __call__(self, batch_ids: list[list[int]], bos: int) -> list[tuple[np.ndarray, ...]]:
-        """Per block: (ids int32 [n,k], logprobs float16 [n,k], tail float16 [n], nll float32 [n])."""
+        """Per block: (ids int32 [n,k], logprobs float16 [n,k], tail float16 [n], nll float32 [n]),
+        then, with continuations, (depths [n], ids int32 [c,m], logprobs float16 [c,m], tail
+        float16 [c]) of its c = depths.sum() continuation rows (fusion/continuations.py)."""
         import torch
 
         lengths = [len(ids) for ids in batch_ids]
@@ -88,11 +97,17 @@ class TopK:
             else:
                 hidden = self.model(input_ids=inputs, attention_mask=mask).logits[:, :-1][real]
                 project = None
-            ids, lp, tail, nll = self._rows(hidden, targets, project)
-        ids, lp, tail, nll = (t.cpu().numpy() for t in (ids, lp, tail, nll))
+            fields = [t.cpu().numpy() for t in self._rows(hidden, targets, project)]
         out, start = [], 0
+        cont_start = 0
         for n in lengths:
-            out.append((ids[start : start + n], lp[start : start + n], tail[start : start + n], nll[start : start + n]))
+            block = tuple(f[start : start + n] for f in fields[:4])
+            if self.continuations is not None:
+                depths = fields[4][start : start + n]
+                c = int(depths.sum())
+                block += (depths,) + tuple(f[cont_start : cont_start + c] for f in fields[5:])
+                cont_start += c
+            out.append(block)
             start += n
         return out
 
@@ -104,11 +119,21 @@ class TopK:
         parts = []
         for a in range(0, hidden.shape[0], step):
             logits = (project(hidden[a : a + step]) if project is not None else hidden[a : a + step]).float()
-            parts.append(top_k_rows(logits, targets[a : a + step], self.k))
+            part = top_k_rows(logits, targets[a : a + step], self.k)
+            if self.continuations is not None:
+                from fusion.continuations import continuation_rows
+
+                part += continuation_rows(logits, targets[a : a + step], *self.continuations)
+            parts.append(part)
         if not parts:
             k = self.k
             empty = torch.zeros((0, k))
-            return empty.int(), empty.half(), empty[:, 0].half(), empty[:, 0]
+            fields = (empty.int(), empty.half(), empty[:, 0].half(), empty[:, 0])
+            if self.continuations is not None:
+                m = self.continuations[1]
+                cont = torch.zeros((0, m))
+                fields += (empty[:, 0].long(), cont.int(), cont.half(), cont[:, 0].half())
+            return fields
         return tuple(torch.cat(p) for p in zip(*parts))
 
 

@@ -78,10 +78,12 @@ def longest_prefix(table: dict[bytes, int], data: bytes) -> int:
 
 
 def default_rows(text: bytes, t_bytes: list[bytes], s_bytes: list[bytes], topk_ids, topk_logprobs, tail,
-                 vocab_bytes: list[bytes], direct, first_token_of):
+                 vocab_bytes: list[bytes], direct, first_token_of, full=None, m=0, max_depth=16):
     """Our default mode for one block whose tokens stand for no special tokens. t_bytes/s_bytes:
     the bytes of each target/source token; vocab_bytes: bytes of each source id; direct: source id
     -> target id; first_token_of(bytes) -> the target token those bytes begin with (-1: none).
+    full: each source row's whole distribution ([rows, vocab] probabilities), for the continuation
+    rows (m entries; boundaries up to max_depth bytes into a source token).
     Returns per target row {target id: probability} and its tail (rows without entries: {}, 1.0)."""
     def starts(tokens):
         prefix = len(b"".join(tokens)) - len(text)
@@ -104,6 +106,9 @@ def default_rows(text: bytes, t_bytes: list[bytes], s_bytes: list[bytes], topk_i
             i, k, committed = 0, -1, b""
         else:
             rows.append(({}, 1.0))
+            continue
+        if full is not None and 0 < k <= min(len(s_bytes[i]) - 1, max_depth):
+            rows.append(continued_row(full[i], committed, vocab_bytes, first_token_of, m))
             continue
         for x, lp in zip(topk_ids[i], topk_logprobs[i]):
             p = math.exp(lp)
@@ -128,3 +133,22 @@ def default_rows(text: bytes, t_bytes: list[bytes], s_bytes: list[bytes], topk_i
         else:
             rows.append(({y: p / possible for y, p in entries.items()}, unknown / possible))
     return rows
+
+
+def continued_row(probs, committed: bytes, vocab_bytes: list[bytes], first_token_of, m: int):
+    """A boundary len(committed) bytes into a source token, from the source's whole distribution:
+    the m most probable tokens that go on past the committed bytes, each to the target token its
+    remaining bytes begin with, divided by the mass of every token that agrees with them."""
+    k = len(committed)
+    longer = [(float(probs[x]), x) for x, data in enumerate(vocab_bytes) if len(data) > k and data.startswith(committed)]
+    ending = sum(float(probs[x]) for x, data in enumerate(vocab_bytes) if data and committed.startswith(data))
+    possible = sum(p for p, _ in longer) + ending
+    entries, listed = {}, 0.0
+    for p, x in sorted(longer, key=lambda e: (-e[0], e[1]))[:m]:
+        listed += p
+        y = first_token_of(vocab_bytes[x][k:])
+        if y >= 0:
+            entries[y] = entries.get(y, 0.0) + p
+    if not entries:
+        return {}, 1.0
+    return {y: p / possible for y, p in entries.items()}, 1.0 - sum(entries.values()) / possible

@@ -22,7 +22,8 @@ def load(shared, name):
     if name not in _loaded:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(shared / "assets" / f"tok-{name}")
+        folder = "model-stories260K-llama/hf" if name == "stories260K" else f"tok-{name}"
+        tok = AutoTokenizer.from_pretrained(shared / "assets" / folder)
         _loaded[name] = (tok, token_view(tok, name))
     return _loaded[name]
 
@@ -68,7 +69,7 @@ def test_golden_llama2_target_gpt2_source(shared):
         ("f", {"f": 0.8571}, 0.1429),  # "a" committed: "af" -> "f"
         ("é", {"é": 0.6, "▁the": 0.15, "2": 0.15}, 0.1),
     ]
-    assert stats == {"rows": 12, "covered": 12, "coverage": 1.0, "shared": 7, "conditioned": 4, "dummy": 1,
+    assert stats == {"rows": 12, "covered": 12, "coverage": 1.0, "shared": 7, "conditioned": 4, "continued": 0, "dummy": 1,
                      "special": 0}
 
 
@@ -353,3 +354,50 @@ def test_a_normalizing_tokenizer_on_unnormalized_text_is_aligned_through_its_nor
     with pytest.raises(FusionError, match=r"block 0, source tokens \(gpt-neox-20b\).*as the tokenizer normalizes it"):
         align_blocks([text], t, [0, len(t)], other, [0, len(other)], np.zeros((len(other), 1), np.int64),
                      np.zeros((len(other), 1)), np.zeros(len(other)), t_view, s_view)
+
+
+@pytest.mark.parametrize("pair, corpus", [(("stories260K", "gpt2"), "corpus-sotu-en/sotu.txt"),
+                                          (("gpt2", "gpt-neox-20b"), "code")])
+def test_continuation_rows_follow_the_whole_distribution(shared, pair, corpus):
+    """Boundaries inside a source token, taught from continuation rows that the capture computed
+    from the whole distribution: the same rows as the plain rule over every source token, and
+    every such row covered."""
+    import torch
+
+    from fusion import scoring, tiny
+    from fusion.align.vocab import first_token
+    from fusion.continuations import OnDevice, continuation_rows, prefix_ranges
+    from fusion.sparse import SparseRows
+
+    (t_tok, t_view), (s_tok, s_view) = load(shared, pair[0]), load(shared, pair[1])
+    if corpus == "code":
+        text = next(t for t, domain in tiny.corpus_documents("python-stdlib") if domain == "code" and "        " in t)
+        text = text[text.index("        ") - 200 :][:600]
+    else:
+        text = (shared / "assets" / corpus).read_text()[20000:20600]
+    t = np.array(t_tok.encode(text, add_special_tokens=False))
+    s = np.array(s_tok.encode(text, add_special_tokens=False))
+    rng = np.random.default_rng(5)
+    logits = torch.tensor(rng.normal(size=(len(s), s_view.size)) * 2.5, dtype=torch.float32)
+    m = 3
+    ids, logprobs, tail, _ = (x.numpy() for x in scoring.top_k_rows(logits, torch.tensor(s), 6))
+    depth, c_ids, c_lp, c_tail = (x.numpy() for x in continuation_rows(logits, torch.tensor(s),
+                                                                       OnDevice(prefix_ranges(s_view), "cpu"), m))
+    listed = c_ids >= 0
+    cont = SparseRows(listed.sum(1), c_ids[listed], c_lp[listed].astype(np.float32), c_tail.astype(np.float32))
+    stats = {}
+    rows = align_blocks([text], t, [0, len(t)], s, [0, len(s)], ids, logprobs.astype(np.float32),
+                        tail.astype(np.float32), t_view, s_view, None, "default", stats, (depth, cont))
+    vocab_bytes = [s_view.token_bytes(x) if not s_view.special[x] else b"" for x in range(s_view.size)]
+    expected = default_rows(text.encode(), [t_view.token_bytes(x) for x in t], [s_view.token_bytes(x) for x in s],
+                            ids, logprobs.astype(np.float64), tail.astype(np.float64), vocab_bytes,
+                            vocab_map(s_view, t_view, "default"), first_token(t_view),
+                            full=torch.softmax(logits, -1).double().numpy(), m=m)
+    for j, (probs, rest) in enumerate(expected):
+        a, b = rows.ptr[j], rows.ptr[j + 1]
+        got = dict(zip(rows.ids[a:b].tolist(), np.exp(rows.logprobs[a:b].astype(np.float64))))
+        assert got.keys() == probs.keys(), j
+        assert np.allclose([got[y] for y in probs], list(probs.values()), rtol=1e-2), j  # float16 log-probs
+        assert np.isclose(rows.tail[j], rest, rtol=1e-2, atol=2e-3), j
+    assert stats["continued"] > 10 and stats["conditioned"] == 0
+    assert stats["coverage"] == 1.0

@@ -54,16 +54,32 @@ def test_scorer_matches_the_plain_forward(micro):
         assert np.array_equal((-lp[hit]).view(np.uint16), nll[rows_hit].astype(np.float16).view(np.uint16))
 
 
-def test_pack_and_decode_give_back_what_was_computed(micro):
+@pytest.mark.parametrize("m", [0, 3])
+def test_pack_and_decode_give_back_what_was_computed(micro, m):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion.align import token_view
+    from fusion.continuations import prefix_ranges
 
     model = AutoModelForCausalLM.from_pretrained(str(micro.models["target"])).eval()
     tok = AutoTokenizer.from_pretrained(str(micro.models["target"]))
     texts = [micro.corpus.read_text()[i * 500 : i * 500 + 200] for i in range(6)]
     blocks = tok(texts, add_special_tokens=False)["input_ids"]
-    results = scoring.TopK(model, 8, "cpu")(blocks, tok.bos_token_id)
-    stored = logits.pack(blocks, results, [len(t.encode()) for t in texts], model.config.vocab_size, 8)
-    back = logits.decode(stored, list(logits.NEEDS), 8)
+    continuations = (prefix_ranges(token_view(tok)), m) if m else None
+    results = scoring.TopK(model, 8, "cpu", continuations)(blocks, tok.bos_token_id)
+    stored = logits.pack(blocks, results, [len(t.encode()) for t in texts], model.config.vocab_size, 8, m)
+    names = [n for n in logits.NEEDS if m or not n.startswith("cont_")]
+    back = logits.decode(stored, names, 8)
+    if m:
+        depths = np.concatenate([r[4] for r in results])
+        assert np.array_equal(back["cont_depth"], depths) and depths.sum() > 0
+        ids = np.concatenate([r[5] for r in results])
+        listed = ids >= 0
+        assert np.array_equal(back["cont_counts"], listed.sum(1))
+        assert np.array_equal(back["cont_ids"], ids[listed])
+        computed = np.concatenate([r[6] for r in results])[listed]
+        assert np.array_equal(back["cont_logprobs"].view(np.uint16), computed.view(np.uint16))
+        assert np.array_equal(back["cont_tail"], np.concatenate([r[7] for r in results]))
     assert np.array_equal(back["tokens"], np.concatenate(blocks))
     assert np.array_equal(back["seq_ptr"], encoding.row_ptr(np.array([len(b) for b in blocks])))
     assert np.array_equal(back["topk_ids"], np.concatenate([r[0] for r in results]))

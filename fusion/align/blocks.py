@@ -11,6 +11,9 @@ Modes (modes.py: `mode` is a name or a Mode): "default" (default.py), "reference
 spell the block's text (streams.py) and raises FusionError naming the block otherwise. No
 tokenizer offsets are needed: where each token sits in the text follows from its bytes.
 
+`source_continuations` (optional): (depth per source row, SparseRows of its continuation rows,
+fusion/continuations.py), which the default mode uses at boundaries inside a source token.
+
 Output rows: ids in the target vocabulary, log-probabilities (default: most probable first;
 reference: in the source's top-k order), tail = mass not listed. A row without entries means
 "no distribution" (tail 1); training falls back to the one-hot on the row's own token. Top-k ids
@@ -98,17 +101,18 @@ def _sparse(ids, logprobs, counts, tails) -> SparseRows:
 
 def align_blocks(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
                  source_tail, target_view: TokenView, source_view: TokenView, mapping=None, mode: str | Mode = "default",
-                 stats: dict | None = None) -> SparseRows:
+                 stats: dict | None = None, source_continuations=None) -> SparseRows:
     """The source's distributions on the target's rows (all blocks back to back), ids in the
     target vocabulary. `mapping` is the mode's vocab_map(source_view, target_view) (computed, and cached,
     when None). Pass a dict as `stats` to get the rows' coverage (share with a distribution) and
     how they were filled."""
     return _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
-                  source_tail, target_view, source_view, mapping, mode, stats, first_block=0)
+                  source_tail, target_view, source_view, mapping, mode, stats, first_block=0,
+                  continuations=source_continuations)
 
 
 def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids, source_topk_logprobs,
-           source_tail, target_view, source_view, mapping, mode, stats, first_block):
+           source_tail, target_view, source_view, mapping, mode, stats, first_block, continuations=None):
     """align_blocks on blocks numbered from `first_block` on (in error messages)."""
     mode = resolve(mode, "align_blocks")
     texts = list(texts)
@@ -126,6 +130,13 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     tail = np.zeros(len(s_tokens), np.float32) if source_tail is None else np.asarray(source_tail, np.float32)
     if tail.shape != (len(s_tokens),):
         raise FusionError(f"align_blocks: source_tail must be [source rows = {len(s_tokens)}], got {tail.shape}")
+    if continuations is not None:
+        depth, cont = continuations
+        depth = np.asarray(depth, dtype=np.int64)
+        if depth.shape != (len(s_tokens),) or int(depth.sum()) != cont.rows:
+            raise FusionError(f"align_blocks: continuation depths must be [source rows = {len(s_tokens)}] summing to "
+                              f"the {cont.rows} continuation rows, got shape {depth.shape} summing to {int(depth.sum())}")
+        continuations = (depth, cont)
     if mapping is None:
         mapping = mode.vocab_map(source_view, target_view)
     mapping = np.asarray(mapping, dtype=np.int32)
@@ -141,7 +152,7 @@ def _align(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_t
     s_start, s_len, s_exact = _placed(source_view, s_tokens, s_ptr, text, text_ptr, encoded, "source", first_block)
 
     filled = mode.fill(source_view, target_view, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr,
-                       s_start, s_len, s_exact, topk_ids, topk_logprobs, tail)
+                       s_start, s_len, s_exact, topk_ids, topk_logprobs, tail, continuations)
     rows = _sparse(filled.ids, filled.logprobs, filled.counts, filled.tails)
     if stats is not None:
         covered = filled.covered
@@ -161,7 +172,7 @@ def _warm(source: TokenView, target: TokenView, mapping, mode: Mode):
 def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, source_ptr, source_topk_ids,
                           source_topk_logprobs, source_tail, target_view: TokenView, source_view: TokenView,
                           mapping=None, mode: str | Mode = "default", stats: dict | None = None,
-                          workers: int | None = None) -> SparseRows:
+                          workers: int | None = None, source_continuations=None) -> SparseRows:
     """align_blocks over `workers` threads (default: all cores), blocks split into chunks of about
     equal target tokens; the same result as align_blocks."""
     workers = workers or os.cpu_count() or 1
@@ -173,19 +184,25 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
     chunks = min(len(texts), workers * 2)
     if workers == 1 or chunks <= 1:
         return align_blocks(texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs,
-                            source_tail, target_view, source_view, mapping, mode, stats)
+                            source_tail, target_view, source_view, mapping, mode, stats, source_continuations)
     cuts = np.unique(np.searchsorted(t_ptr, np.linspace(0, t_ptr[-1], chunks + 1), side="left").clip(0, len(texts)))
     cuts[0], cuts[-1] = 0, len(texts)
     tail = None if source_tail is None else np.asarray(source_tail)
+    if source_continuations is not None:
+        depth = np.asarray(source_continuations[0], dtype=np.int64)
+        cont_ptr = np.concatenate([[0], np.cumsum(depth)])
 
     def run(part):
         b0, b1 = part
         t0, t1, s0, s1 = t_ptr[b0], t_ptr[b1], s_ptr[b0], s_ptr[b1]
         part_stats = {}
+        cont = None
+        if source_continuations is not None:
+            cont = (depth[s0:s1], source_continuations[1].slice(int(cont_ptr[s0]), int(cont_ptr[s1])))
         rows = _align(texts[b0:b1], np.asarray(target_tokens)[t0:t1], t_ptr[b0 : b1 + 1] - t0,
                       np.asarray(source_tokens)[s0:s1], s_ptr[b0 : b1 + 1] - s0, np.asarray(source_topk_ids)[s0:s1],
                       np.asarray(source_topk_logprobs)[s0:s1], None if tail is None else tail[s0:s1], target_view,
-                      source_view, mapping, mode, part_stats, first_block=b0)
+                      source_view, mapping, mode, part_stats, first_block=b0, continuations=cont)
         return rows, part_stats
 
     parts = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
@@ -193,7 +210,7 @@ def align_blocks_parallel(texts, target_tokens, target_ptr, source_tokens, sourc
         results = list(pool.map(run, parts))
     rows = concat([r for r, _ in results]) if results else align_blocks(
         texts, target_tokens, t_ptr, source_tokens, s_ptr, source_topk_ids, source_topk_logprobs, source_tail,
-        target_view, source_view, mapping, mode, stats)
+        target_view, source_view, mapping, mode, stats, source_continuations)
     if stats is not None and results:
         for key in results[0][1]:
             if key != "coverage":

@@ -18,6 +18,10 @@ from the same text: it predicts the same continuation, only spelled in source to
    The rest is renormalised by the mass that stays possible (listed agreeing entries, the unknown
    ones and the source's whole tail, which we cannot split and count as possible: this never
    sharpens the teacher beyond what its top-k supports).
+   Where the logits stage stored continuation rows (fusion/continuations.py), row i's row for
+   depth k says the same from the whole distribution, not only the top-k: every listed x begins
+   with the k committed bytes, probabilities are already divided by the mass that stays possible,
+   and its tail is the unknown rest. It is used instead of the conditioned top-k (how: CONTINUED).
 3. A target that spells a dummy space in front of the text (SentencePiece) predicts, at its row 0,
    a space followed by the text; a source without that space predicts the text at its row 0:
    each x goes to the target token " " + x begins with (dummy-prefix table). The reverse (source
@@ -41,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-NONE, SHARED, CONDITIONED, DUMMY, SPECIAL = 0, 1, 2, 3, 4
+NONE, SHARED, CONDITIONED, DUMMY, SPECIAL, CONTINUED = 0, 1, 2, 3, 4, 5
 
 
 @njit(cache=True, nogil=True)
@@ -115,17 +119,75 @@ def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct
 
 
 @njit(cache=True, nogil=True)
+def _continued(row, c, k, cont_ptr, cont_ids, cont_logprobs, cont_tail, s_vptr, direct, continuation, ids, logprobs,
+               counts, tails, prob, slot):
+    """Fill target row `row` from continuation row c (k bytes of the source token committed).
+    Returns whether the row got any entry."""
+    n = 0
+    listed = 0.0
+    unknown = max(np.float64(cont_tail[c]), 0.0)
+    for e in range(cont_ptr[c], cont_ptr[c + 1]):
+        x = cont_ids[e]
+        p = np.exp(np.float64(cont_logprobs[e]))
+        listed += p
+        y = -1
+        if 0 <= x < len(direct):
+            x0 = s_vptr[x]
+            if s_vptr[x + 1] - x0 > k:
+                y = continuation[x0 + k]
+        if y < 0:
+            unknown += p
+            continue
+        found = -1
+        for r in range(n):
+            if slot[r] == y:
+                found = r
+                break
+        if found >= 0:
+            prob[found] += p
+        else:
+            slot[n] = y
+            prob[n] = p
+            n += 1
+    possible = listed + max(np.float64(cont_tail[c]), 0.0)
+    if n == 0 or possible <= 0.0:
+        return False
+    for r in range(1, n):  # insertion sort, most probable first
+        p, y = prob[r], slot[r]
+        q = r - 1
+        while q >= 0 and prob[q] < p:
+            prob[q + 1] = prob[q]
+            slot[q + 1] = slot[q]
+            q -= 1
+        prob[q + 1] = p
+        slot[q + 1] = y
+    for r in range(n):
+        ids[row, r] = slot[r]
+        logprobs[row, r] = np.log(prob[r] / possible)
+    counts[row] = n
+    tails[row] = unknown / possible
+    return True
+
+
+@njit(cache=True, nogil=True)
 def default_blocks(t_ids, t_ptr, t_start, t_len, t_exact, s_ids, s_ptr, s_start, s_len, s_exact, topk_ids,
-                   topk_logprobs, tail, s_data, s_vptr, direct, continuation, dummy):
+                   topk_logprobs, tail, s_data, s_vptr, direct, continuation, dummy, cont_depth, cont_first, cont_ptr,
+                   cont_ids, cont_logprobs, cont_tail):
     """Default mode on many blocks (see the module doc). t_start/s_start: each token's start in
     its block's text (a dummy space at -1), t_len/s_len: its length in bytes there, t_exact /
     s_exact: whether those bytes are the token's own (False where the tokenizer normalized the
     text: streams.locate). A boundary inside an inexact source token, and an inexact target token
     that covers no text, get no distribution: what the source has committed there is not known
     byte for byte.
+    cont_depth / cont_first: per source row, its continuation rows and the first one's index
+    (cont_depth all 0: none stored); cont_ptr: each continuation row's entries in cont_ids /
+    cont_logprobs; cont_tail: its tail.
     Returns padded [rows, k] ids / log-probs, counts, tails and per row how it was filled."""
     rows = len(t_ids)
-    k = max(topk_ids.shape[1], 1)
+    width = 0
+    for c in range(len(cont_ptr) - 1):
+        width = max(width, cont_ptr[c + 1] - cont_ptr[c])
+    k = max(topk_ids.shape[1], width, 1)
     ids = np.full((rows, k), -1, np.int32)
     logprobs = np.zeros((rows, k), np.float32)
     counts = np.zeros(rows, np.int32)
@@ -169,6 +231,11 @@ def default_blocks(t_ids, t_ptr, t_start, t_len, t_exact, s_ids, s_ptr, s_start,
                 continue
             shift = c - s_start[last_text]
             if shift > 0 and not s_exact[last_text]:
+                continue
+            if 0 < shift <= cont_depth[last_text]:
+                if _continued(j, cont_first[last_text] + shift - 1, shift, cont_ptr, cont_ids, cont_logprobs, cont_tail,
+                              s_vptr, direct, continuation, ids, logprobs, counts, tails, prob, slot):
+                    how[j] = CONTINUED
                 continue
             if _row(j, last_text, shift, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation,
                     dummy, ids, logprobs, counts, tails, prob, slot):

@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FusionError
-from .default import CONDITIONED, DUMMY, SHARED, SPECIAL, default_blocks
+from ..sparse import SparseRows
+from .default import CONDITIONED, CONTINUED, DUMMY, SHARED, SPECIAL, default_blocks
 from .reference import DISTRIBUTION, EMPTY, ONE_HOT, first_token_match, reference_blocks
 from .tokens import TokenView
 from .vocab import cached, continuation_table, default_map, dummy_prefix_table, hard_map, soft_map
@@ -50,6 +51,7 @@ class Mode:
     warm: Callable[[TokenView, TokenView], None]
     fill: Callable[..., Filled]
     fixture_name: str | None = None  # a reference mode's name in the alignment fixture ("hard", "soft")
+    uses_continuations: bool = False  # whether fill reads the source's continuation rows
 
     def vocab_map(self, source: TokenView, target: TokenView) -> np.ndarray:
         """int32 [source.size]: target id per source id, -1 where there is none (cached on disk)."""
@@ -63,11 +65,17 @@ def _warm_default(source: TokenView, target: TokenView) -> None:
 
 
 def _fill_default(source, target, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len,
-                  s_exact, topk_ids, topk_logprobs, tail) -> Filled:
+                  s_exact, topk_ids, topk_logprobs, tail, continuations=None) -> Filled:
+    depth, rows = continuations if continuations is not None else (np.zeros(len(s_tokens), np.int64), None)
+    first = np.cumsum(depth) - depth
+    if rows is None:
+        rows = SparseRows.from_topk(np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32), np.zeros(0, np.float32))
     ids, logprobs, counts, tails, how = default_blocks(
         t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len, s_exact, topk_ids, topk_logprobs,
-        tail, source.data, source.ptr, mapping, continuation_table(source, target), dummy_prefix_table(source, target))
-    ways = {"shared": SHARED, "conditioned": CONDITIONED, "dummy": DUMMY, "special": SPECIAL}
+        tail, source.data, source.ptr, mapping, continuation_table(source, target), dummy_prefix_table(source, target),
+        np.asarray(depth, np.int64), first.astype(np.int64), rows.ptr, rows.ids.astype(np.int64),
+        rows.logprobs.astype(np.float32), rows.tail.astype(np.float32))
+    ways = {"shared": SHARED, "conditioned": CONDITIONED, "continued": CONTINUED, "dummy": DUMMY, "special": SPECIAL}
     return Filled(ids, logprobs, counts, tails, how, ways, int(np.sum(counts > 0)))
 
 
@@ -79,7 +87,8 @@ def _warm_reference(source: TokenView, target: TokenView) -> None:
 
 def _fill_reference(soft: bool):
     def fill(source, target, mapping, t_tokens, t_ptr, t_start, t_len, t_exact, s_tokens, s_ptr, s_start, s_len,
-             s_exact, topk_ids, topk_logprobs, tail) -> Filled:
+             s_exact, topk_ids, topk_logprobs, tail, continuations=None) -> Filled:
+        # the paper's alignment pairs whole tokens: continuation rows are not used
         hard = HARD.vocab_map(source, target) if soft else mapping
         soft_map_ = mapping if soft else None
         first = _first_matches(source, target, s_tokens, s_ptr, t_tokens, t_ptr, soft_map_)
@@ -119,7 +128,7 @@ def _first_matches(source: TokenView, target: TokenView, s_tokens, s_ptr, t_toke
 
 
 # ---- the registry ---------------------------------------------------------------------------------
-DEFAULT = Mode("default", default_map, _warm_default, _fill_default)
+DEFAULT = Mode("default", default_map, _warm_default, _fill_default, uses_continuations=True)
 HARD = Mode("reference-hard", hard_map, _warm_reference, _fill_reference(soft=False), fixture_name="hard")
 SOFT = Mode("reference-soft", soft_map, _warm_reference, _fill_reference(soft=True), fixture_name="soft")
 MODES = {m.name: m for m in (DEFAULT, HARD, SOFT)}

@@ -49,9 +49,19 @@ def run_shard(run: Run, part: str, index: int) -> None:
     texts, _ = split.read_blocks(run, "train", index)
     target = logits.read(run, run.target.name, index, ["tokens", "seq_ptr"])
     source = logits.read(run, part, index)
+    continuations = None
+    from fusion.align import resolve
+
+    if run.spec.logits.continuations > 0 and resolve(run.spec.align.mode).uses_continuations:
+        from fusion.sparse import SparseRows
+
+        cont = logits.read(run, part, index, ["cont_depth", "cont_counts", "cont_ids", "cont_logprobs", "cont_tail"])
+        continuations = (cont["cont_depth"], SparseRows(cont["cont_counts"], cont["cont_ids"],
+                                                         cont["cont_logprobs"].astype(np.float32),
+                                                         cont["cont_tail"].astype(np.float32)))
     stats: dict = {}
     try:
-        rows = _align_shard(run, part, texts, target, source, stats)
+        rows = _align_shard(run, part, texts, target, source, stats, continuations)
     except FusionError as e:
         raise FusionError(f"align shard {index}, source '{part}', target '{run.target.name}': {e}") from None
     target_vocab = len(run.tokenizers[run.target.name])
@@ -68,7 +78,7 @@ def run_shard(run: Run, part: str, index: int) -> None:
     )
 
 
-def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: dict):
+def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: dict, continuations=None):
     from fusion.align import align_blocks_parallel, resolve
 
     return align_blocks_parallel(
@@ -86,6 +96,7 @@ def _align_shard(run: Run, part: str, texts, target: dict, source: dict, stats: 
         resolve(run.spec.align.mode),
         stats=stats,
         workers=run.spec.align.workers or os.cpu_count() or 1,
+        source_continuations=continuations,
     )
 
 

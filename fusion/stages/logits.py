@@ -4,7 +4,10 @@ One part per model (the target included). For each block the model sees its BOS 
 block's tokens; row j is its distribution over token j (fusion/sparse.py). Per row: the top-k
 ids and log-probs (float16), the mass outside the top-k (`tail`, float16) and the NLL of the
 real token (`nll`, float16); per block: the total NLL in float32 (summed from float32 values)
-and the UTF-8 byte count. Top-k entries are ordered by log-prob, ties by id.
+and the UTF-8 byte count. Top-k entries are ordered by log-prob, ties by id. With
+`logits.continuations` > 0, also each row's continuation rows (fusion/continuations.py): one per
+byte boundary inside the row's real token, up to 16 (`cont_depth` per row), each with up to that
+many entries, ordered the same way, and its tail.
 
 Stored compactly and exactly (fusion/encoding.py): tokens and ids in the narrowest unsigned
 type, log-probs as row-wise deltas of their float16 bit patterns, the real token's id and
@@ -27,7 +30,7 @@ from fusion.stages import Stage
 from fusion.stages import split
 
 NAME = "logits"
-FORMAT = 2  # storage format; part of the config hash, so old shards are never misread
+FORMAT = 3  # storage format; part of the config hash, so old shards are never misread
 
 
 def parts(run: Run) -> list[str]:
@@ -43,6 +46,7 @@ def fingerprint(run: Run, part: str) -> dict:
         "split": run.hash("split", "train"),
         "model": run.model_identity(part),
         "top_k": run.spec.logits.top_k,
+        "continuations": run.spec.logits.continuations,
         "dtype": run.spec.logits.dtype,
         "format": FORMAT,
     }
@@ -69,7 +73,14 @@ def scorer_for(run: Run, part: str, device: str) -> TopK:
     key = (run.hash(NAME, part), device, dtype)
     if key not in _scorer:
         _scorer.clear()
-        _scorer[key] = TopK(models.load_model(spec, device, dtype=dtype), run.spec.logits.top_k, device)
+        m = run.spec.logits.continuations
+        ranges = None
+        if m > 0:
+            from fusion.continuations import prefix_ranges
+            from fusion.stages.vocab import token_view
+
+            ranges = (prefix_ranges(token_view(run, part)), m)
+        _scorer[key] = TopK(models.load_model(spec, device, dtype=dtype), run.spec.logits.top_k, device, ranges)
     return _scorer[key]
 
 
@@ -94,14 +105,16 @@ def run_shard(run: Run, part: str, index: int) -> None:
     bos = models.context_token_id(spec, tokenizer)
     results = score_blocks(scorer, token_ids, bos, run.spec.logits.batch_tokens, desc=f"logits {part} shard {index}")
     vocab = models.logit_width(models.model_config(spec))
-    arrays = pack(token_ids, results, [len(t.encode("utf-8")) for t in texts], vocab, run.spec.logits.top_k)
+    arrays = pack(token_ids, results, [len(t.encode("utf-8")) for t in texts], vocab, run.spec.logits.top_k,
+                  run.spec.logits.continuations)
     shards.write_shard(run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=len(arrays["tokens"]))
 
 
 def pack(
-    token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int
+    token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int, m: int = 0
 ) -> dict[str, np.ndarray]:
-    """The stored arrays of a shard (fusion/encoding.py)."""
+    """The stored arrays of a shard (fusion/encoding.py); m: continuation entries (results then
+    carry continuation rows, TopK's fields 4 to 7)."""
     dt = id_dtype(vocab_size)
     tokens = np.array([t for ids in token_ids for t in ids], dtype=dt)
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
@@ -110,10 +123,21 @@ def pack(
     nll32 = concat(results, 3, (0,), np.float32)
     ptr = encoding.row_ptr(lengths)
     rows = encoding.encode_rows(np.full(len(tokens), k), ids.reshape(-1), logprobs.reshape(-1), tokens, vocab_size)
+    cont = {}
+    if m > 0:
+        depths = concat(results, 4, (0,), np.int64)
+        cont_ids = concat(results, 5, (0, m), np.int64)
+        cont_lp = concat(results, 6, (0, m), np.float16)
+        listed = cont_ids >= 0  # entries come first in a row, padding after them
+        real = np.repeat(tokens.astype(np.int64), depths)  # each continuation row's real token
+        encoded = encoding.encode_rows(listed.sum(1), cont_ids[listed], cont_lp[listed], real, vocab_size)
+        cont = {"cont_depth": encoding.narrow_uint(depths), **{f"cont_{name}": a for name, a in encoded.items()},
+                "cont_tail": concat(results, 7, (0,), np.float16)}
     return {
         "tokens": tokens,
         "seq_len": encoding.narrow_uint(lengths),
         **rows,
+        **cont,
         "tail": concat(results, 2, (0,), np.float16),
         "nll_absent": encoding.encode_nll(nll32, rows["rank"]),
         "seq_nll": np.array([nll32[a:b].sum(dtype=np.float64) for a, b in zip(ptr[:-1], ptr[1:])], dtype=np.float32),
@@ -131,13 +155,21 @@ NEEDS = {
     "nll": ["counts", "lp_delta", "rank", "nll_absent"],
     "seq_nll": ["seq_nll"],
     "seq_bytes": ["seq_bytes"],
+    # continuation rows (logits.continuations > 0): per row how many, then the rows back to back
+    "cont_depth": ["cont_depth"],
+    "cont_counts": ["cont_counts"],
+    "cont_ids": ["cont_depth", "cont_counts", "cont_id_table", "cont_ids", "cont_rank", "tokens"],
+    "cont_logprobs": ["cont_counts", "cont_lp_delta"],
+    "cont_tail": ["cont_tail"],
 }
 
 
 def read(run: Run, part: str, index: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """tokens, seq_ptr (int64), topk_ids (int32 [rows, k]), topk_logprobs (float16 [rows, k]),
-    tail, nll (float16), seq_nll (float32), seq_bytes (int64), or the `names` among them."""
-    names = list(NEEDS) if names is None else names
+    tail, nll (float16), seq_nll (float32), seq_bytes (int64), or the `names` among them; the
+    continuation rows (cont_depth per row; cont_counts, flat cont_ids and cont_logprobs,
+    cont_tail per continuation row) only when named, and only from a part that stores them."""
+    names = [n for n in NEEDS if not n.startswith("cont_")] if names is None else names
     unknown = [n for n in names if n not in NEEDS]
     if unknown:
         raise FusionError(f"logits: no array {', '.join(unknown)} (known: {', '.join(NEEDS)})")
@@ -164,6 +196,13 @@ def decode(stored: dict[str, np.ndarray], names: list[str], k: int) -> dict[str,
             out[name] = encoding.decode_nll(stored["nll_absent"], stored["rank"], counts, logprobs)
         elif name == "seq_bytes":
             out[name] = stored["seq_bytes"].astype(np.int64)
+        elif name == "cont_ids":
+            real = np.repeat(stored["tokens"].astype(np.int64), stored["cont_depth"].astype(np.int64))
+            out[name] = encoding.decode_ids({k[5:]: v for k, v in stored.items() if k.startswith("cont_")}, real)
+        elif name == "cont_logprobs":
+            out[name] = encoding.decode_logprobs({"counts": stored["cont_counts"], "lp_delta": stored["cont_lp_delta"]})
+        elif name in ("cont_depth", "cont_counts"):
+            out[name] = stored[name].astype(np.int64)
         else:
             out[name] = stored[name]
     return out
