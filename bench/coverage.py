@@ -3,16 +3,23 @@ of the real tokenizers (Qwen3's 151k byte-level one and stories260K's normalizin
 per mode, on real text windows of each corpus: both shared corpora and code (this Python's
 standard library, the tiny corpus's code documents).
 
-Top-k rows are synthetic (seeded RNG): k = 10 random ids per source row, one of them the real
-next source token in a share --hit of the rows (default 0.8, about what a good model's top-10
-holds). The
-reference modes' coverage does not depend on the ids; the default mode's does where a target
-row's context ends inside a source token (the row is conditioned on the bytes committed so far
-and needs a candidate that agrees with them), so it is also reported without those rows
-("default, shared boundary only"), which depends on the tokenizations alone. A reference row
-counts as covered only with a source distribution (its one-hot fallback rows do not).
+The source rows are captured by the logits stage's own code (fusion/scoring.py: top-k and tail;
+fusion/continuations.py: the continuation rows at byte boundaries inside each real token), from
+one of two kinds of teacher (--teacher):
 
-    python bench/coverage.py [--windows 12] [--chars 3000] [--names ...] [--modes ...] > coverage.json
+- synthetic: random logits (normal, scale 2.5) over the whole vocabulary, the real next token
+  raised above every other in a share --hit of the rows (default 0.8, about what a good model's
+  top-10 holds) and left where it falls in the others;
+- model: a real model per tokenizer. stories260K is the real pretrained one; every other
+  tokenizer gets a small Llama (2 layers, width 64) trained here for --steps steps on the three
+  corpora (cached in --models), a tiny source of its own.
+
+Columns: the default mode as the pipeline runs it (with continuation rows), the default mode
+from the top-k alone (logits.continuations: 0), and the reference modes (whose coverage does not
+depend on the rows' ids; a reference row counts as covered only with a source distribution, not
+its one-hot fallback).
+
+    python bench/coverage.py [--teacher synthetic|model] [--windows 12] [--chars 3000] > coverage.json
     (table on stderr: one line per pair and corpus)
 """
 
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fusion.align import align_blocks, token_view, vocab_map  # noqa: E402
+from fusion.sparse import SparseRows  # noqa: E402
 
 NAMES = ["llama2", "mistral-7b-v0.1", "openllama-v1", "gpt2", "gpt-neox-20b", "qwen3", "stories260K"]
 CORPORA = {"sotu": SHARED / "assets" / "corpus-sotu-en" / "sotu.txt",
            "python-docs": SHARED / "assets" / "corpus-python311-docs-en" / "python311_docs.txt",
            "code": None}
-MODES = ["reference-hard", "reference-soft", "default"]
+MODES = ["default", "default-top-k-only", "reference-hard", "reference-soft"]
+K, M = 10, 4  # the logits stage's defaults: logits.top_k, logits.continuations
 
 
 def corpus_text(name: str) -> str:
@@ -58,12 +69,66 @@ def tokenizer_path(name: str) -> Path:
     return SHARED / "assets" / ("model-stories260K-llama/hf" if name == "stories260K" else f"tok-{name}")
 
 
+# ---- teachers -------------------------------------------------------------------------------------
+def synthetic_capture(view, tokens: np.ndarray, hit: float, seed: int):
+    """Top-k and continuation rows of random logits, the real token on top in a share `hit` of rows."""
+    import torch
+
+    from fusion.continuations import OnDevice, continuation_rows, prefix_ranges
+    from fusion.scoring import top_k_rows
+
+    ranges = OnDevice(prefix_ranges(view), "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for a in range(0, len(tokens), 256):
+        real = torch.as_tensor(tokens[a : a + 256])
+        logits = torch.randn((len(real), view.size), generator=gen) * 2.5
+        raised = torch.rand(len(real), generator=gen) < hit
+        top = logits.max(dim=1).values + 1.0
+        logits[torch.arange(len(real)), real] = torch.where(raised, top, logits[torch.arange(len(real)), real])
+        parts.append(top_k_rows(logits, real, K)[:3] + continuation_rows(logits, real, ranges, M))
+    return [torch.cat(p).numpy() for p in zip(*parts)]
+
+
+def model_capture(name: str, view, tokenizer, blocks: list[list[int]], models: Path, steps: int):
+    """Top-k and continuation rows of a real model over the blocks (the logits stage's scorer)."""
+    from fusion.continuations import prefix_ranges
+    from fusion.scoring import TopK, score_blocks
+
+    model = teacher_model(name, tokenizer, models, steps)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    results = score_blocks(TopK(model, K, "cpu", (prefix_ranges(view), M)), blocks, bos, 4096)
+    fields = [np.concatenate([r[f] for r in results]) for f in (0, 1, 2, 4, 5, 6, 7)]
+    return fields
+
+
+def teacher_model(name: str, tokenizer, models: Path, steps: int):
+    from transformers import AutoModelForCausalLM
+
+    if name == "stories260K":
+        return AutoModelForCausalLM.from_pretrained(tokenizer_path(name).parent / "hf").eval()
+    folder = models / f"{name}-{steps}"
+    if not (folder / "config.json").exists():
+        from fusion import tiny
+
+        started = time.perf_counter()
+        texts = [corpus_text(c)[:400_000] for c in CORPORA]
+        model = tiny.make_model("llama", len(tokenizer), 64, 2, tokenizer, seed=0)
+        tiny.pretrain(model, tokenizer, texts, steps, progress=f"training a teacher for {name}")
+        model.save_pretrained(folder)
+        print(f"[coverage] trained the {name} teacher in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+# ---- the table ------------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", choices=["synthetic", "model"], default="synthetic")
     parser.add_argument("--windows", type=int, default=12, help="text windows per corpus")
     parser.add_argument("--chars", type=int, default=3000, help="characters per window")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--hit", type=float, default=0.8, help="share of rows whose top-k holds the real next token")
+    parser.add_argument("--hit", type=float, default=0.8, help="synthetic: share of rows whose top-k holds the real token")
+    parser.add_argument("--steps", type=int, default=150, help="model: training steps of each tokenizer's teacher")
+    parser.add_argument("--models", default=str(REPO / "runs" / "coverage-teachers"), help="model: where teachers are kept")
     parser.add_argument("--names", default=",".join(NAMES))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--corpora", default=",".join(CORPORA))
@@ -73,49 +138,51 @@ def main():
     names, modes = args.names.split(","), args.modes.split(",")
     toks = {n: AutoTokenizer.from_pretrained(tokenizer_path(n)) for n in names}
     views = {n: token_view(toks[n], n) for n in names}
-    print(f"{'target':>16}    {'source':<16} {'corpus':<12}" + "".join(f" {m:>14}" for m in modes)
-          + ("   shared-boundary-only" if "default" in modes else ""), file=sys.stderr)
+    print(f"{'target':>16}    {'source':<16} {'corpus':<12}" + "".join(f" {m:>18}" for m in modes), file=sys.stderr)
     results = []
     for corpus in args.corpora.split(","):
         texts = windows(corpus, args.windows, args.chars, seed=0)
         encoded = {n: [toks[n].encode(t, add_special_tokens=False) for t in texts] for n in names}
-        rng = np.random.default_rng(0)
-        topk = {}
+        captured = {}
         for n in names:
             flat = np.concatenate(encoded[n]).astype(np.int64)
-            ids = rng.integers(0, views[n].size, (len(flat), args.k))
-            hit = rng.random(len(flat)) < args.hit
-            ids[hit, rng.integers(0, args.k, int(hit.sum()))] = flat[hit]
-            probs = np.sort(rng.random((len(flat), args.k)), axis=1)[:, ::-1] + 0.05
-            probs = 0.9 * probs / probs.sum(1, keepdims=True)
-            topk[n] = (flat, ids, np.log(probs).astype(np.float32), np.full(len(flat), 0.1, np.float32))
+            if args.teacher == "synthetic":
+                captured[n] = synthetic_capture(views[n], flat, args.hit, seed=names.index(n))
+            else:
+                captured[n] = model_capture(n, views[n], toks[n], encoded[n], Path(args.models), args.steps)
         for target in names:
             for source in names:
                 if target == source:
                     continue
                 t = np.concatenate(encoded[target]).astype(np.int64)
                 t_ptr = np.cumsum([0] + [len(x) for x in encoded[target]])
-                s, ids, logprobs, tail = topk[source]
+                s = np.concatenate(encoded[source]).astype(np.int64)
                 s_ptr = np.cumsum([0] + [len(x) for x in encoded[source]])
+                ids, logprobs, tail, depth, c_ids, c_lp, c_tail = captured[source]
+                listed = c_ids >= 0
+                cont = SparseRows(listed.sum(1), c_ids[listed], c_lp[listed].astype(np.float32),
+                                  c_tail.astype(np.float32))
                 row = {"target": target, "source": source, "corpus": corpus, "target_rows": int(len(t))}
                 for mode in modes:
                     stats = {}
-                    mapping = vocab_map(views[source], views[target], mode)
-                    align_blocks(texts, t, t_ptr, s, s_ptr, ids, logprobs, tail, views[target], views[source],
-                                 mapping, mode, stats)
+                    name = "default" if mode == "default-top-k-only" else mode
+                    continuations = (depth, cont) if mode == "default" else None
+                    align_blocks(texts, t, t_ptr, s, s_ptr, ids.astype(np.int64), logprobs.astype(np.float32),
+                                 tail.astype(np.float32), views[target], views[source],
+                                 vocab_map(views[source], views[target], name), name, stats, continuations)
                     row[mode] = round(stats["coverage"], 4)
                     if mode == "default":
-                        row["default_shared_boundary"] = round(stats["shared"] / stats["rows"], 4)
-                        row["default_conditioned"] = round(stats["conditioned"] / stats["rows"], 4)
+                        row["default_how"] = {w: round(stats[w] / stats["rows"], 4)
+                                              for w in ("shared", "conditioned", "continued", "dummy", "special")}
                 results.append(row)
-                print(f"{target:>16} <- {source:<16} {corpus:<12}" + "".join(f" {row[m]:14.2%}" for m in modes)
-                      + (f"   {row['default_shared_boundary']:7.2%}" if "default" in modes else ""),
+                print(f"{target:>16} <- {source:<16} {corpus:<12}" + "".join(f" {row[m]:18.2%}" for m in modes),
                       file=sys.stderr, flush=True)
-    keys = modes + (["default_shared_boundary"] if "default" in modes else [])
     summary = {m: {"min": min(r[m] for r in results), "mean": round(float(np.mean([r[m] for r in results])), 4)}
-               for m in keys}
-    print(json.dumps({"windows_per_corpus": args.windows, "chars_per_window": args.chars, "k": args.k,
-                      "hit": args.hit, "pairs": results, "summary": summary}, indent=1))
+               for m in modes}
+    print(json.dumps({"teacher": args.teacher, "windows_per_corpus": args.windows, "chars_per_window": args.chars,
+                      "k": K, "continuations": M, "hit": args.hit if args.teacher == "synthetic" else None,
+                      "teacher_steps": args.steps if args.teacher == "model" else None,
+                      "pairs": results, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def default_rows(text: bytes, t_bytes: list[bytes], s_bytes: list[bytes], topk_i
         else:
             rows.append(({}, 1.0))
             continue
-        if full is not None and 0 < k <= min(len(s_bytes[i]) - 1, max_depth):
-            rows.append(continued_row(full[i], committed, vocab_bytes, first_token_of, m))
+        if full is not None and k > 0 and len(s_bytes[i]) > 1:
+            rows.append(continued_row(full[i], committed, vocab_bytes, first_token_of, m, max_depth))
             continue
         for x, lp in zip(topk_ids[i], topk_logprobs[i]):
             p = math.exp(lp)
@@ -135,20 +135,33 @@ def default_rows(text: bytes, t_bytes: list[bytes], s_bytes: list[bytes], topk_i
     return rows
 
 
-def continued_row(probs, committed: bytes, vocab_bytes: list[bytes], first_token_of, m: int):
-    """A boundary len(committed) bytes into a source token, from the source's whole distribution:
-    the m most probable tokens that go on past the committed bytes, each to the target token its
-    remaining bytes begin with, divided by the mass of every token that agrees with them."""
+def continued_row(probs, committed: bytes, vocab_bytes: list[bytes], first_token_of, m: int, max_depth: int = 16):
+    """A boundary k = len(committed) bytes into a source token, from the source's whole
+    distribution: the m most probable tokens that go on past the first d = min(k, max_depth)
+    committed bytes, divided by the mass of every token that agrees with those d bytes (the
+    continuation row of depth d); then, where d < k, those entries conditioned on the rest of
+    the committed bytes (agreeing ones kept, disagreeing ones dropped, those ending within them
+    unknown, the row's tail possible and unknown); each kept entry to the target token its
+    remaining bytes begin with."""
     k = len(committed)
-    longer = [(float(probs[x]), x) for x, data in enumerate(vocab_bytes) if len(data) > k and data.startswith(committed)]
-    ending = sum(float(probs[x]) for x, data in enumerate(vocab_bytes) if data and committed.startswith(data))
-    possible = sum(p for p, _ in longer) + ending
-    entries, listed = {}, 0.0
-    for p, x in sorted(longer, key=lambda e: (-e[0], e[1]))[:m]:
-        listed += p
-        y = first_token_of(vocab_bytes[x][k:])
-        if y >= 0:
-            entries[y] = entries.get(y, 0.0) + p
+    d = min(k, max_depth)
+    head = committed[:d]
+    longer = [(float(probs[x]), x) for x, data in enumerate(vocab_bytes) if len(data) > d and data.startswith(head)]
+    ending = sum(float(probs[x]) for x, data in enumerate(vocab_bytes) if data and head.startswith(data))
+    total = sum(p for p, _ in longer) + ending
+    top = sorted(longer, key=lambda e: (-e[0], e[1]))[:m]
+    rest = 1.0 - sum(p for p, _ in top) / total  # the row's tail
+    entries, possible, unknown = {}, rest, rest
+    for p, x in top:
+        data = vocab_bytes[x]
+        if not (data.startswith(committed) or committed.startswith(data)):
+            continue
+        possible += p / total
+        y = first_token_of(data[k:]) if len(data) > k else -1
+        if y < 0:
+            unknown += p / total
+        else:
+            entries[y] = entries.get(y, 0.0) + p / total
     if not entries:
         return {}, 1.0
-    return {y: p / possible for y, p in entries.items()}, 1.0 - sum(entries.values()) / possible
+    return {y: p / possible for y, p in entries.items()}, unknown / possible

@@ -357,7 +357,7 @@ def test_a_normalizing_tokenizer_on_unnormalized_text_is_aligned_through_its_nor
 
 
 @pytest.mark.parametrize("pair, corpus", [(("stories260K", "gpt2"), "corpus-sotu-en/sotu.txt"),
-                                          (("gpt2", "gpt-neox-20b"), "code")])
+                                          (("gpt2", "gpt-neox-20b"), "code"), (("gpt2", "qwen3"), "deep")])
 def test_continuation_rows_follow_the_whole_distribution(shared, pair, corpus):
     """Boundaries inside a source token, taught from continuation rows that the capture computed
     from the whole distribution: the same rows as the plain rule over every source token, and
@@ -373,6 +373,8 @@ def test_continuation_rows_follow_the_whole_distribution(shared, pair, corpus):
     if corpus == "code":
         text = next(t for t, domain in tiny.corpus_documents("python-stdlib") if domain == "code" and "        " in t)
         text = text[text.index("        ") - 200 :][:600]
+    elif corpus == "deep":  # runs of spaces longer than the deepest continuation row
+        text = "def f(x):\n" + "".join(" " * n + f"y{n} = x  # {' ' * n}note\n" for n in (4, 20, 28, 40))
     else:
         text = (shared / "assets" / corpus).read_text()[20000:20600]
     t = np.array(t_tok.encode(text, add_special_tokens=False))
@@ -401,3 +403,5 @@ def test_continuation_rows_follow_the_whole_distribution(shared, pair, corpus):
         assert np.isclose(rows.tail[j], rest, rtol=1e-2, atol=2e-3), j
     assert stats["continued"] > 10 and stats["conditioned"] == 0
     assert stats["coverage"] == 1.0
+    if corpus == "deep":
+        assert depth.max() == 16 and any(len(s_view.token_bytes(x)) > 17 for x in s)

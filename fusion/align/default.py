@@ -21,7 +21,9 @@ from the same text: it predicts the same continuation, only spelled in source to
    Where the logits stage stored continuation rows (fusion/continuations.py), row i's row for
    depth k says the same from the whole distribution, not only the top-k: every listed x begins
    with the k committed bytes, probabilities are already divided by the mass that stays possible,
-   and its tail is the unknown rest. It is used instead of the conditioned top-k (how: CONTINUED).
+   and its tail is the unknown rest. It is used instead of the conditioned top-k (how: CONTINUED);
+   past the deepest row stored (16 bytes into a token: long runs of spaces), the deepest row is
+   conditioned on the bytes after it as the top-k would be, and the top-k is the last resort.
 3. A target that spells a dummy space in front of the text (SentencePiece) predicts, at its row 0,
    a space followed by the text; a source without that space predicts the text at its row 0:
    each x goes to the target token " " + x begins with (dummy-prefix table). The reverse (source
@@ -119,22 +121,33 @@ def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct
 
 
 @njit(cache=True, nogil=True)
-def _continued(row, c, k, cont_ptr, cont_ids, cont_logprobs, cont_tail, s_vptr, direct, continuation, ids, logprobs,
-               counts, tails, prob, slot):
-    """Fill target row `row` from continuation row c (k bytes of the source token committed).
-    Returns whether the row got any entry."""
+def _continued(row, c, d, k, i, s_ids, s_data, cont_ptr, cont_ids, cont_logprobs, cont_tail, s_vptr, direct,
+               continuation, ids, logprobs, counts, tails, prob, slot):
+    """Fill target row `row` from continuation row c of source row i, written for the first d
+    bytes of s_i, where k >= d bytes are committed: its entries already begin with the first d;
+    beyond them they are conditioned as in case 2. Returns whether the row got any entry."""
+    committed = s_vptr[s_ids[i]]
     n = 0
-    listed = 0.0
-    unknown = max(np.float64(cont_tail[c]), 0.0)
+    rest = max(np.float64(cont_tail[c]), 0.0)
+    possible = rest
+    unknown = rest
     for e in range(cont_ptr[c], cont_ptr[c + 1]):
         x = cont_ids[e]
         p = np.exp(np.float64(cont_logprobs[e]))
-        listed += p
         y = -1
         if 0 <= x < len(direct):
             x0 = s_vptr[x]
-            if s_vptr[x + 1] - x0 > k:
+            size = s_vptr[x + 1] - x0
+            agrees = True
+            for r in range(d, min(size, k)):
+                if s_data[x0 + r] != s_data[committed + r]:
+                    agrees = False
+                    break
+            if not agrees:
+                continue
+            if size > k:
                 y = continuation[x0 + k]
+        possible += p
         if y < 0:
             unknown += p
             continue
@@ -149,7 +162,6 @@ def _continued(row, c, k, cont_ptr, cont_ids, cont_logprobs, cont_tail, s_vptr, 
             slot[n] = y
             prob[n] = p
             n += 1
-    possible = listed + max(np.float64(cont_tail[c]), 0.0)
     if n == 0 or possible <= 0.0:
         return False
     for r in range(1, n):  # insertion sort, most probable first
@@ -232,11 +244,13 @@ def default_blocks(t_ids, t_ptr, t_start, t_len, t_exact, s_ids, s_ptr, s_start,
             shift = c - s_start[last_text]
             if shift > 0 and not s_exact[last_text]:
                 continue
-            if 0 < shift <= cont_depth[last_text]:
-                if _continued(j, cont_first[last_text] + shift - 1, shift, cont_ptr, cont_ids, cont_logprobs, cont_tail,
-                              s_vptr, direct, continuation, ids, logprobs, counts, tails, prob, slot):
+            if shift > 0 and cont_depth[last_text] > 0:
+                d = min(shift, cont_depth[last_text])  # the deepest row written at or before the boundary
+                if _continued(j, cont_first[last_text] + d - 1, d, shift, last_text, s_ids, s_data, cont_ptr, cont_ids,
+                              cont_logprobs, cont_tail, s_vptr, direct, continuation, ids, logprobs, counts, tails,
+                              prob, slot):
                     how[j] = CONTINUED
-                continue
+                    continue
             if _row(j, last_text, shift, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation,
                     dummy, ids, logprobs, counts, tails, prob, slot):
                 how[j] = SHARED if shift == 0 else CONDITIONED
