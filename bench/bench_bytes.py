@@ -1,12 +1,14 @@
 """Stored bytes per token on real text: logits of every model, aligned sources, packed set.
 
-    python bench/bench_bytes.py [--chars 150000] [--store DIR] [--top-k 10]
+    python bench/bench_bytes.py [--chars 150000] [--store DIR] [--top-k 10] [--continuations 4,0]
 
 Runs split, vocab, logits, align and fuse of a run with a Llama-2-vocabulary target and three
 sources with the GPT-NeoX-20B, GPT-2 and OpenLLaMA vocabularies (bench/realtext.py: tiny
 models with real tokenizers, briefly trained), on held-out real text (the last `--chars`
 characters of each corpus in ../shared/assets), then reads the commit records: bytes per
-token per part, and per stored array. As the cross-check with the entropy of a fully trained
+token per part, and per stored array, once per `logits.continuations` value (continuation rows
+at byte boundaries inside tokens, fusion/continuations.py; 0: none), with the alignment's
+coverage for each. As the cross-check with the entropy of a fully trained
 model, the logits of stories260K (a real 512-token Llama) are measured the same way.
 
 Prints JSON. The original FuseLLM stores ~112 B/token for a model's own top-10, ~168 per
@@ -70,26 +72,14 @@ def measure(run: Run, stage: str, part: str) -> dict:
     return {"tokens": s.rows, "bytes": s.stored_bytes, "bytes_per_token": per_token, "arrays": arrays}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--chars", type=int, default=150_000, help="characters of held-out text per corpus")
-    parser.add_argument("--store", help="store folder (default: a temporary one)")
-    parser.add_argument("--top-k", type=int, default=10)
-    args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
-    tmp = tempfile.TemporaryDirectory()
-    root = Path(args.store or tmp.name)
-    root.mkdir(parents=True, exist_ok=True)
-    corpus = realtext.write_corpus(root / "corpus.jsonl", args.chars)
-    spec = realtext.spec(str(root / "run"), corpus, SOURCES, top_k=args.top_k)
+def measure_run(store: Path, corpus: Path, top_k: int, m: int) -> dict:
+    spec = realtext.spec(str(store), corpus, SOURCES, top_k=top_k, continuations=m)
     run = open_run(parse_spec(spec))
     run_all(run, ["split", "vocab", "logits", "align", "fuse"])
-
-    report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars, "logits": {}, "align": {}, "fuse": {}}
-    for m in ["target", *SOURCES]:
-        report["logits"][m] = measure(run, "logits", m)
-        report["logits"][m]["padding_share"] = padding_share(run, m)
+    report = {"logits": {}, "align": {}, "fuse": {}}
+    for name in ["target", *SOURCES]:
+        report["logits"][name] = measure(run, "logits", name)
+        report["logits"][name]["padding_share"] = padding_share(run, name)
     for s in SOURCES:
         report["align"][s] = measure(run, "align", s)
         report["align"][s]["coverage"] = [
@@ -100,6 +90,25 @@ def main() -> None:
     target_tokens = report["logits"]["target"]["tokens"]
     everything = report["logits"]["target"]["bytes"] + sum(report["align"][s]["bytes"] for s in SOURCES)
     report["all_candidates_bytes_per_target_token"] = round(everything / target_tokens, 2)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chars", type=int, default=150_000, help="characters of held-out text per corpus")
+    parser.add_argument("--store", help="store folder (default: a temporary one)")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--continuations", default="4,0", help="logits.continuations values to measure, comma-separated")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(args.store or tmp.name)
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = realtext.write_corpus(root / "corpus.jsonl", args.chars)
+    report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars}
+    for m in [int(x) for x in args.continuations.split(",")]:
+        report[f"continuations={m}"] = measure_run(root / f"run-c{m}", corpus, args.top_k, m)
 
     # the cross-check: a fully trained model's entropy (stories260K, 512-token vocabulary)
     stories = realtext.ASSETS / "model-stories260K-llama" / "hf"

@@ -11,8 +11,8 @@ one of two kinds of teacher (--teacher):
   raised above every other in a share --hit of the rows (default 0.8, about what a good model's
   top-10 holds) and left where it falls in the others;
 - model: a real model per tokenizer. stories260K is the real pretrained one; every other
-  tokenizer gets a small Llama (2 layers, width 64) trained here for --steps steps on the three
-  corpora (cached in --models), a tiny source of its own.
+  tokenizer gets the tiny Llama of bench/realtext.py (2 layers, width 128, 300 steps on the
+  first part of both corpora; built once and cached), a tiny source of its own.
 
 Columns: the default mode as the pipeline runs it (with continuation rows), the default mode
 from the top-k alone (logits.continuations: 0), and the reference modes (whose coverage does not
@@ -20,6 +20,8 @@ depend on the rows' ids; a reference row counts as covered only with a source di
 its one-hot fallback).
 
     python bench/coverage.py [--teacher synthetic|model] [--windows 12] [--chars 3000] > coverage.json
+    (the windows come from anywhere in each corpus; the model teachers were trained on the first
+    2,000,000 characters of the two shared corpora, so some windows are text they have seen)
     (table on stderr: one line per pair and corpus)
 """
 
@@ -29,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,34 +91,25 @@ def synthetic_capture(view, tokens: np.ndarray, hit: float, seed: int):
     return [torch.cat(p).numpy() for p in zip(*parts)]
 
 
-def model_capture(name: str, view, tokenizer, blocks: list[list[int]], models: Path, steps: int):
+def model_capture(name: str, view, tokenizer, blocks: list[list[int]]):
     """Top-k and continuation rows of a real model over the blocks (the logits stage's scorer)."""
+    from transformers import AutoModelForCausalLM
+
     from fusion.continuations import prefix_ranges
     from fusion.scoring import TopK, score_blocks
 
-    model = teacher_model(name, tokenizer, models, steps)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    results = score_blocks(TopK(model, K, "cpu", (prefix_ranges(view), M)), blocks, bos, 4096)
-    fields = [np.concatenate([r[f] for r in results]) for f in (0, 1, 2, 4, 5, 6, 7)]
-    return fields
-
-
-def teacher_model(name: str, tokenizer, models: Path, steps: int):
-    from transformers import AutoModelForCausalLM
-
     if name == "stories260K":
-        return AutoModelForCausalLM.from_pretrained(tokenizer_path(name).parent / "hf").eval()
-    folder = models / f"{name}-{steps}"
-    if not (folder / "config.json").exists():
-        from fusion import tiny
+        folder = tokenizer_path(name)
+    else:
+        sys.path.insert(0, str(REPO / "bench"))
+        import realtext
 
-        started = time.perf_counter()
-        texts = [corpus_text(c)[:400_000] for c in CORPORA]
-        model = tiny.make_model("llama", len(tokenizer), 64, 2, tokenizer, seed=0)
-        tiny.pretrain(model, tokenizer, texts, steps, progress=f"training a teacher for {name}")
-        model.save_pretrained(folder)
-        print(f"[coverage] trained the {name} teacher in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
+        asset = f"tok-{name}"
+        folder = realtext.model_folder(next(m for m, (a, _) in realtext.MODELS.items() if a == asset))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id  # as the logits stage
+    results = score_blocks(TopK(model, K, "cpu", (prefix_ranges(view), M)), blocks, bos, 4096)
+    return [np.concatenate([r[f] for r in results]) for f in (0, 1, 2, 4, 5, 6, 7)]
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -127,8 +119,6 @@ def main():
     parser.add_argument("--windows", type=int, default=12, help="text windows per corpus")
     parser.add_argument("--chars", type=int, default=3000, help="characters per window")
     parser.add_argument("--hit", type=float, default=0.8, help="synthetic: share of rows whose top-k holds the real token")
-    parser.add_argument("--steps", type=int, default=150, help="model: training steps of each tokenizer's teacher")
-    parser.add_argument("--models", default=str(REPO / "runs" / "coverage-teachers"), help="model: where teachers are kept")
     parser.add_argument("--names", default=",".join(NAMES))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--corpora", default=",".join(CORPORA))
@@ -149,7 +139,7 @@ def main():
             if args.teacher == "synthetic":
                 captured[n] = synthetic_capture(views[n], flat, args.hit, seed=names.index(n))
             else:
-                captured[n] = model_capture(n, views[n], toks[n], encoded[n], Path(args.models), args.steps)
+                captured[n] = model_capture(n, views[n], toks[n], encoded[n])
         for target in names:
             for source in names:
                 if target == source:
@@ -181,7 +171,6 @@ def main():
                for m in modes}
     print(json.dumps({"teacher": args.teacher, "windows_per_corpus": args.windows, "chars_per_window": args.chars,
                       "k": K, "continuations": M, "hit": args.hit if args.teacher == "synthetic" else None,
-                      "teacher_steps": args.steps if args.teacher == "model" else None,
                       "pairs": results, "summary": summary}, indent=1))
 
 

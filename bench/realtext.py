@@ -28,6 +28,8 @@ MODELS = {  # name: (tokenizer asset, seed)
     "src-neox": ("tok-gpt-neox-20b", 1),
     "src-gpt2": ("tok-gpt2", 2),
     "src-openllama": ("tok-openllama-v1", 3),
+    "src-mistral": ("tok-mistral-7b-v0.1", 4),
+    "src-qwen3": ("tok-qwen3", 5),
 }
 
 
@@ -87,7 +89,8 @@ def write_corpus(path: Path, chars_per_domain: int) -> Path:
     return path
 
 
-def spec(store: str, corpus: Path, sources: list[str], block_tokens: int = 2048, top_k: int = 10) -> dict:
+def spec(store: str, corpus: Path, sources: list[str], block_tokens: int = 2048, top_k: int = 10,
+         continuations: int = 4) -> dict:
     return {
         "name": "realtext",
         "store": store,
@@ -97,6 +100,6 @@ def spec(store: str, corpus: Path, sources: list[str], block_tokens: int = 2048,
         },
         "corpus": {"path": str(corpus), "domain_field": "domain", "heldout_fraction": 0.0},
         "split": {"block_tokens": block_tokens, "shard_blocks": 64},
-        "logits": {"top_k": top_k, "batch_tokens": 16384},
+        "logits": {"top_k": top_k, "continuations": continuations, "batch_tokens": 16384},
         "fuse": {"top_k": top_k},
     }
