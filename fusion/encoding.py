@@ -181,7 +181,11 @@ def estimated_rows(rank: np.ndarray, counts: np.ndarray, logprobs: np.ndarray) -
 
 
 def decode_nll(
-    nll_absent: np.ndarray, rank: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, nll_estimated: np.ndarray | None = None
+    nll_absent: np.ndarray,
+    rank: np.ndarray,
+    counts: np.ndarray,
+    logprobs: np.ndarray,
+    nll_estimated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Inverse of encode_nll, given the decoded log-probs; `nll_estimated` for sampled rows."""
     listed = rank != RANK_ABSENT
@@ -194,6 +198,7 @@ def decode_nll(
     if nll_estimated is not None:
         estimated = estimated_rows(rank, counts, logprobs)
         if int(estimated.sum()) != len(nll_estimated):
-            raise FusionError(f"stored rows: {len(nll_estimated)} NLL values for {int(estimated.sum())} rows listing an estimate")
+            expected = int(estimated.sum())
+            raise FusionError(f"stored rows: {len(nll_estimated)} NLL values for {expected} rows listing an estimate")
         nll[estimated] = nll_estimated
     return nll

@@ -151,7 +151,8 @@ def test_sampled_rows_are_distinct_ordered_exact_where_kept_and_sum_to_one():
         # entries above the row's smallest value are kept tokens: their exact log-probs, as in the top-k
         assert torch.equal(row_lp[~lowest], full[r, row_ids[~lowest]].half().float())
         assert set(row_ids[~lowest].tolist()) <= set(top_ids[r].tolist())
-    assert tail[1] == 0 and torch.equal(ids[1], top_ids[1]) and torch.equal(lp[1], top_lp[1])  # nothing left to draw: the top-k, exactly
+    # nothing left to draw: the top-k, exactly
+    assert tail[1] == 0 and torch.equal(ids[1], top_ids[1]) and torch.equal(lp[1], top_lp[1])
     assert set(ids[2, :3].tolist()) == {0, 1, 2}
     assert (lp[3] == lp[3, 0]).all() and abs(float(lp[3, 0]) - np.log(1 / k)) < 1e-3  # every entry estimates 1 / k
     assert (tail[[0, 2, 3]] == 0).all()
@@ -168,7 +169,8 @@ def test_sampled_rows_round_trip_and_keep_the_model_nll(micro):
     stored = logits.pack(blocks, results, [len(t.encode()) for t in texts], model.config.vocab_size, 8, "sampled")
     back = logits.decode(stored, list(logits.NEEDS), 8)
     assert np.array_equal(back["topk_ids"], np.concatenate([r[0] for r in results]))
-    assert np.array_equal(back["topk_logprobs"].view(np.uint16), np.concatenate([r[1] for r in results]).view(np.uint16))
+    computed_lp = np.concatenate([r[1] for r in results])
+    assert np.array_equal(back["topk_logprobs"].view(np.uint16), computed_lp.view(np.uint16))
     nll = np.concatenate([r[3] for r in results])
     assert np.array_equal(back["nll"].view(np.uint16), nll.astype(np.float16).view(np.uint16))
     # rows whose real token is a sampled entry exist, and their stored value is not the token's log-prob

@@ -190,7 +190,8 @@ def decode(stored: dict[str, np.ndarray], names: list[str], k: int) -> dict[str,
         elif name == "topk_logprobs":
             out[name] = logprobs.reshape(-1, width)
         elif name == "nll":
-            out[name] = encoding.decode_nll(stored["nll_absent"], stored["rank"], counts, logprobs, stored.get("nll_estimated"))
+            estimated = stored.get("nll_estimated")
+            out[name] = encoding.decode_nll(stored["nll_absent"], stored["rank"], counts, logprobs, estimated)
         elif name == "seq_bytes":
             out[name] = stored["seq_bytes"].astype(np.int64)
         else:
