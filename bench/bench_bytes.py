@@ -1,6 +1,6 @@
 """Stored bytes per token on real text: logits of every model, aligned sources, packed set.
 
-    python bench/bench_bytes.py [--chars 150000] [--store DIR] [--top-k 10] [--continuations 4,0]
+    python bench/bench_bytes.py [--chars 150000] [--store DIR] [--top-k 10] [--continuations 4,0] [--methods]
 
 Runs split, vocab, logits, align and fuse of a run with a Llama-2-vocabulary target and three
 sources with the GPT-NeoX-20B, GPT-2 and OpenLLaMA vocabularies (bench/realtext.py: tiny
@@ -13,6 +13,10 @@ model, the logits of stories260K (a real 512-token Llama) are measured the same 
 
 Prints JSON. The original FuseLLM stores ~112 B/token for a model's own top-10, ~168 per
 aligned source and ~450 for the packed 3-source set (../shared/reference/NOTES.md).
+
+`--methods` measures instead the logits stage's two methods side by side (`logits.method`:
+top-k and sampled, the same k entries per token) on the same blocks of stories260K, a fully
+trained model with its own tokenizer: bytes per token of both, their ratio, bytes per array.
 """
 
 from __future__ import annotations
@@ -72,6 +76,27 @@ def measure(run: Run, stage: str, part: str) -> dict:
     return {"tokens": s.rows, "bytes": s.stored_bytes, "bytes_per_token": per_token, "arrays": arrays}
 
 
+def compare_methods(root: Path, corpus: Path, top_k: int) -> dict:
+    """Bytes per token of the logits stage with each method, on the same blocks, for
+    stories260K (a fully trained model with its own tokenizer; needs no model built here)."""
+    report: dict = {"top_k": top_k, "model": "stories260K"}
+    stories = {"path": str(realtext.ASSETS / "model-stories260K-llama" / "hf")}
+    for method in ("top-k", "sampled"):
+        spec = {
+            "name": "methods",
+            "store": str(root / method),
+            "models": {"target": {"name": "stories", **stories}, "sources": [{"name": "stories-source", **stories}]},
+            "corpus": {"path": str(corpus), "domain_field": "domain", "heldout_fraction": 0.0},
+            "split": {"block_tokens": 500, "shard_blocks": 64},
+            "logits": {"top_k": top_k, "method": method},
+        }
+        run = open_run(parse_spec(spec))
+        run_all(run, ["split", "logits"])
+        report[method] = measure(run, "logits", "stories")
+    report["sampled_over_top_k"] = round(report["sampled"]["bytes_per_token"] / report["top-k"]["bytes_per_token"], 4)
+    return report
+
+
 def measure_run(store: Path, corpus: Path, top_k: int, m: int) -> dict:
     spec = realtext.spec(str(store), corpus, SOURCES, top_k=top_k, continuations=m)
     run = open_run(parse_spec(spec))
@@ -99,6 +124,7 @@ def main() -> None:
     parser.add_argument("--store", help="store folder (default: a temporary one)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--continuations", default="4,0", help="logits.continuations values to measure, comma-separated")
+    parser.add_argument("--methods", action="store_true", help="compare the logits methods top-k and sampled")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -106,6 +132,9 @@ def main() -> None:
     root = Path(args.store or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
     corpus = realtext.write_corpus(root / "corpus.jsonl", args.chars)
+    if args.methods:
+        print(json.dumps(compare_methods(root, corpus, args.top_k), indent=1))
+        return
     report = {"top_k": args.top_k, "corpus_chars": 2 * args.chars}
     for m in [int(x) for x in args.continuations.split(",")]:
         report[f"continuations={m}"] = measure_run(root / f"run-c{m}", corpus, args.top_k, m)

@@ -9,11 +9,15 @@ One process, side by side, repeated and interleaved (the median is reported):
             packing and encoding, compression, and the upload to a store
 - naive:    the forward pass followed by the textbook post-processing (log_softmax over the
             whole [batch, length, vocab] tensor, topk, gather), as the stage did before
+- sampled:  the stage with `logits.method: sampled` (fusion/scoring.py: sampled_rows), the same
+            k entries per token drawn with importance weights instead of the top-k
 
 The model is a tiny Llama (hidden 128, 2 layers) with a real tokenizer's vocabulary (Llama-2's
 32000 by default) and random weights: the time of the forward pass and of top-k does not
 depend on what the weights are. The text is real (../shared/assets), tokenized by Llama-2's
-tokenizer. Prints JSON; `overhead_ratio` = (stage - forward) / forward.
+tokenizer. Prints JSON; `overhead_ratio` = (stage - forward) / forward; `sampled_over_top_k`:
+the sampled stage's time over the top-k stage's (wall and CPU), compute alone and whole.
+Stored bytes here are those of random weights; bench/bench_bytes.py measures trained models'.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def main() -> None:
     model = model_with_vocab(args.vocab)
     blocks = real_blocks(args.vocab)
     scorer = scoring.TopK(model, K, "cpu")
+    sampler = scoring.Sampled(model, K, "cpu", seed=0)
     inputs = torch.tensor([[1] + b for b in blocks])
     mask = torch.ones_like(inputs)
     real = mask[:, 1:].bool()
@@ -90,23 +95,37 @@ def main() -> None:
             return model(input_ids=inputs, attention_mask=mask).logits
 
     times = {"forward": [], "stage": [], "stage_compute": [], "pack_compress_upload": [], "naive": []}
+    times |= {"stage_sampled": [], "stage_compute_sampled": [], "cpu_stage": [], "cpu_stage_sampled": []}
+
+    def stage(scoring_of, method: str, rep: int):
+        """(compute seconds, whole-stage seconds, CPU seconds, commit record) of one batch."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = scoring_of(blocks, 1)
+        t1 = time.perf_counter()
+        arrays = logits.pack(blocks, results, text_bytes, args.vocab, K, method)
+        record = shards.write_shard(store, "logits", method, rep, arrays, "bench", rows=len(arrays["tokens"]))
+        return t1 - t0, time.perf_counter() - t0, time.process_time() - c0, record
+
     for rep in range(args.repeats + 1):  # the first round warms up and is not counted
         t0 = time.perf_counter()
         forward()
-        t1 = time.perf_counter()
-        results = scorer(blocks, 1)
-        t2 = time.perf_counter()
-        arrays = logits.pack(blocks, results, text_bytes, args.vocab, K)
-        record = shards.write_shard(store, "logits", "bench", rep, arrays, "bench", rows=len(arrays["tokens"]))
-        t3 = time.perf_counter()
+        forward_s = time.perf_counter() - t0
+        top_k = stage(scorer, "top-k", rep)
+        sampled = stage(sampler, "sampled", rep)
+        t0 = time.perf_counter()
         naive(model, inputs, mask, inputs[:, 1:], real)
-        t4 = time.perf_counter()
+        naive_s = time.perf_counter() - t0
         if rep:
-            times["forward"].append(t1 - t0)
-            times["stage_compute"].append(t2 - t1)
-            times["pack_compress_upload"].append(t3 - t2)
-            times["stage"].append(t3 - t1)
-            times["naive"].append(t4 - t3)
+            times["forward"].append(forward_s)
+            times["naive"].append(naive_s)
+            times["stage_compute"].append(top_k[0])
+            times["pack_compress_upload"].append(top_k[1] - top_k[0])
+            times["stage"].append(top_k[1])
+            times["cpu_stage"].append(top_k[2])
+            times["stage_compute_sampled"].append(sampled[0])
+            times["stage_sampled"].append(sampled[1])
+            times["cpu_stage_sampled"].append(sampled[2])
+    record, record_sampled = top_k[3], sampled[3]
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = BATCH * LENGTH
     print(
@@ -122,7 +141,14 @@ def main() -> None:
                 "overhead_ratio": round((med["stage"] - med["forward"]) / med["forward"], 4),
                 "naive_overhead_ratio": round((med["naive"] - med["forward"]) / med["forward"], 4),
                 "pack_compress_upload_ratio": round(med["pack_compress_upload"] / med["forward"], 4),
+                "sampled_over_top_k": {
+                    "stage_wall": round(med["stage_sampled"] / med["stage"], 4),
+                    "stage_cpu": round(med["cpu_stage_sampled"] / med["cpu_stage"], 4),
+                    "compute_wall": round(med["stage_compute_sampled"] / med["stage_compute"], 4),
+                },
+                "sampled_overhead_ratio": round((med["stage_sampled"] - med["forward"]) / med["forward"], 4),
                 "stored_bytes_per_token": round(record["stored_bytes"] / tokens, 2),
+                "stored_bytes_per_token_sampled": round(record_sampled["stored_bytes"] / tokens, 2),
                 "store": store.url if args.store else "local temporary folder",
                 "repeats": args.repeats,
             },

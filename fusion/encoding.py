@@ -14,7 +14,9 @@ arrays into small integers that zstd compresses well:
   tokens get small numbers, so the high bytes are mostly zero.
 - a row's real-token NLL equals minus the log-prob at `rank` wherever the token is listed (the
   logits stage computes both from the same float32 value), so only the other rows' NLL is
-  stored (`nll_absent`).
+  stored (`nll_absent`). Sampled rows (fusion/scoring.py: sampled_rows) list estimates: their
+  sampled entries all carry the row's smallest value, so the NLL of a row whose real token is
+  listed at that value is stored too (`nll_estimated`, see `estimated_rows`).
 
 Ids and tokens use the narrowest unsigned type of the vocabulary.
 """
@@ -166,8 +168,26 @@ def encode_nll(nll: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return nll.astype(np.float16)[rank == RANK_ABSENT]
 
 
-def decode_nll(nll_absent: np.ndarray, rank: np.ndarray, counts: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
-    """Inverse of encode_nll, given the decoded log-probs."""
+def estimated_rows(rank: np.ndarray, counts: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """For sampled rows: the rows whose real token is listed at the row's smallest log-prob, the
+    value every sampled entry carries, an estimate rather than the token's own log-prob. (A
+    certain entry that happens to share that value is included: storing its NLL is merely
+    redundant.)"""
+    ptr = row_ptr(np.asarray(counts, dtype=np.int64))
+    listed = np.flatnonzero(rank != RANK_ABSENT)
+    out = np.zeros(len(rank), dtype=bool)
+    out[listed] = logprobs[ptr[listed] + rank[listed]] == logprobs[ptr[listed + 1] - 1]
+    return out
+
+
+def decode_nll(
+    nll_absent: np.ndarray,
+    rank: np.ndarray,
+    counts: np.ndarray,
+    logprobs: np.ndarray,
+    nll_estimated: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inverse of encode_nll, given the decoded log-probs; `nll_estimated` for sampled rows."""
     listed = rank != RANK_ABSENT
     if int((~listed).sum()) != len(nll_absent):
         absent = int((~listed).sum())
@@ -175,4 +195,10 @@ def decode_nll(nll_absent: np.ndarray, rank: np.ndarray, counts: np.ndarray, log
     nll = np.empty(len(rank), dtype=np.float16)
     nll[~listed] = nll_absent
     nll[listed] = -logprobs[row_ptr(counts)[:-1][listed] + rank[listed]]
+    if nll_estimated is not None:
+        estimated = estimated_rows(rank, counts, logprobs)
+        if int(estimated.sum()) != len(nll_estimated):
+            expected = int(estimated.sum())
+            raise FusionError(f"stored rows: {len(nll_estimated)} NLL values for {expected} rows listing an estimate")
+        nll[estimated] = nll_estimated
     return nll

@@ -9,10 +9,40 @@ Speed: blocks are batched by length (sorted, so padding stays a few per cent) an
 inference mode; only real positions reach the output layer, which runs in chunks of rows so
 that no [batch, length, vocab] float32 tensor is ever made; top-k, log-sum-exp and NLL are
 computed on the device and only [rows, k] comes back.
+
+Top-k or sampled rows (`logits.method`). The top-k rows keep the k most probable tokens exactly
+and lump the rest into the tail; whatever the loss does with the tail (one extra outcome, or
+renormalising it away) is a guess at how that mass is spread, so the target is biased (Sparse
+Logit Sampling, Anshumann et al. 2025, arXiv 2503.16870). `sampled_rows` stores k distinct
+tokens too, in the same bytes, chosen at random so that the stored values are an unbiased
+estimate of the WHOLE distribution: for every token i, E[stored p_i] = p_i (0 where i is not
+drawn). The loss is linear in the teacher's probabilities, so its gradient is unbiased as well.
+
+The estimator (Horvitz-Thompson with probability-proportional-to-size systematic sampling,
+without replacement): the tokens with k' p_i > R are kept exactly ("certain"; at most k - 1 of
+them, the most probable), where R is the mass of the rest and k' the slots left; the k' other
+slots are filled by systematic sampling over the remaining tokens, token i drawn with
+probability pi_i = k' p_i / R <= 1, one uniform number per row. A drawn token's estimate is
+p_i / pi_i = R / k', the same for all of them, so the stored row sums to exactly 1 (certain
+mass + k' R / k') and the tail is 0. Both matter: the loss renormalises a teacher row (listed
+mass plus tail), and renormalising an estimate that does not sum to 1 would bias it again;
+keeping the exact remaining mass as a tail as well would count it twice. (Only rows whose
+whole mass fits in k exact entries keep their float32-negligible remainder as tail.) The paper
+draws with replacement from the teacher's distribution and keeps counts; drawing without
+replacement gives exactly k distinct entries, the bytes of top-k, and never spends a slot
+twice on a frequent token. pi proportional to p is also the choice that minimises the summed
+variance of the estimates for k draws, and any other proposal (a temperature) would make the
+estimates no longer sum to 1, so there is no proposal to tune.
+
+The real token's NLL is always the model's own; the stored value of a sampled entry is an
+estimate, so fusion/encoding.py stores the NLL of rows whose real token is a sampled entry.
+The uniform numbers come from a seed and each block's tokens (`row_uniforms`), so a shard's
+rows do not depend on batching, chunking or device order, and a rerun gives the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -119,7 +149,7 @@ class TopK:
         parts = []
         for a in range(0, hidden.shape[0], step):
             logits = (project(hidden[a : a + step]) if project is not None else hidden[a : a + step]).float()
-            part = top_k_rows(logits, targets[a : a + step], self.k)
+            part = self._chunk_rows(logits, targets[a : a + step], a)
             if self.continuations is not None:
                 from fusion.continuations import continuation_rows
 
@@ -135,6 +165,37 @@ class TopK:
                 fields += (empty[:, 0].long(), cont.int(), cont.half(), cont[:, 0].half())
             return fields
         return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _chunk_rows(self, logits, targets, first: int):
+        """The rows of one chunk of the batch's real positions; `first`: its first row's index."""
+        return top_k_rows(logits, targets, self.k)
+
+
+class Sampled(TopK):
+    """TopK's scorer with sampled rows (`sampled_rows`) in place of the top-k: k distinct ids
+    per position whose stored probabilities estimate the model's distribution without bias.
+    `seed`: the shard's seed (the logits stage derives it from the run, the model and the shard)."""
+
+    def __init__(self, model, k: int, device: str, seed: int, continuations=None):
+        super().__init__(model, k, device, continuations)
+        self.seed = seed
+
+    def __call__(self, batch_ids: list[list[int]], bos: int) -> list[tuple[np.ndarray, ...]]:
+        import torch
+
+        # rows in the order TopK makes them: block by block, position by position
+        self._uniforms = torch.from_numpy(np.concatenate([row_uniforms(self.seed, ids) for ids in batch_ids]))
+        return super().__call__(batch_ids, bos)
+
+    def _chunk_rows(self, logits, targets, first: int):
+        uniforms = self._uniforms[first : first + len(targets)].to(logits.device)
+        return sampled_rows(logits, targets, self.k, uniforms)
+
+
+def row_uniforms(seed: int, block: list[int]) -> np.ndarray:
+    """One uniform number in [0, 1) per position of a block, from the seed and the block's tokens."""
+    digest = hashlib.blake2b(np.asarray(block, dtype=np.int64).tobytes(), digest_size=16).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")]).random(len(block))
 
 
 def top_k_rows(logits, targets, k: int):
@@ -162,6 +223,72 @@ def top_k_rows(logits, targets, k: int):
     values, order = values.sort(dim=-1, descending=True, stable=True)
     ids = ids.gather(-1, order)
     tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
+    nll = -logprobs.gather(-1, targets[:, None].long()).squeeze(-1)
+    return ids.int(), values.half(), tail.half(), nll
+
+
+# a kept token's inclusion probability stays this far below 1, so that rounding in the cumulative
+# sums can never place two of a row's evenly spaced sampling points in one token
+CERTAIN_MARGIN = 1e-6
+
+
+def sampled_rows(logits, targets, k: int, uniforms):
+    """For float32 logits [rows, vocab] and one uniform number in [0, 1) per row (float64):
+    k distinct ids (int32) and the logs of unbiased estimates of their probabilities (float16),
+    ordered by value then id; tail (float16) and the targets' true NLL (float32), all on the
+    logits' device. See the module doc for the estimator.
+
+    Every sampled entry of a row carries the same value, the row's smallest: it is lowered, where
+    float16 rounding would put a certain entry below it, to that entry's value (one float16 step
+    at most), so that fusion/encoding.py can tell sampled entries by their value."""
+    import torch
+
+    rows, vocab = logits.shape
+    k = min(k, vocab)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    group = _group_size(vocab, k)
+    if logprobs.device.type == "cpu" and group:
+        top_lp, top_ids = _two_stage_topk(logprobs, k, group)
+    else:
+        top_lp, top_ids = logprobs.topk(k, dim=-1, sorted=False)
+    top_lp, order = top_lp.sort(dim=-1, descending=True)
+    top_ids = top_ids.gather(-1, order)
+
+    # the mass outside the top-k, then rest[:, m]: the mass of every token ranked below the m most probable
+    mass = logprobs.exp()
+    p_top = mass.gather(-1, top_ids)
+    mass.scatter_(-1, top_ids, 0.0)
+    outside = mass.sum(-1, dtype=torch.float64)
+    below = p_top.double().flip(-1).cumsum(-1).flip(-1)  # mass of top-k entries m..k-1
+    rest = torch.cat([below, torch.zeros_like(below[:, :1])], -1) + outside[:, None]
+    # certain: the m most probable, m the first count that leaves every other token's pi_i < 1
+    slots = torch.arange(k, device=logits.device)
+    fits = (k - slots) * p_top.double() <= (1 - CERTAIN_MARGIN) * rest[:, :k]
+    fits &= rest[:, :k] > 0
+    certain = torch.where(fits.any(-1), fits.int().argmax(-1), torch.full((rows,), k, device=logits.device))
+    drawn = k - certain  # k' per row
+
+    # systematic sampling over the uncertain tokens: points (u + j) R / k', j = 0..k'-1
+    is_certain = slots[None] < certain[:, None]
+    mass.scatter_(-1, top_ids, torch.where(is_certain, 0.0, p_top))
+    cumulative = mass.cumsum(-1, dtype=torch.float64)
+    remaining = cumulative[:, -1]
+    step = remaining / drawn.clamp_min(1)
+    j = (slots[None] - certain[:, None]).clamp_min(0)
+    points = (uniforms[:, None] + j) * step[:, None]
+    points = torch.minimum(points, torch.nextafter(remaining, torch.zeros_like(remaining))[:, None])
+    picked = torch.searchsorted(cumulative, points.contiguous(), right=True).clamp_max(vocab - 1)
+
+    ids = torch.where(is_certain, top_ids, picked)
+    values = torch.where(is_certain, top_lp, step.log().float()[:, None]).half()
+    lowest_certain = values.masked_fill(~is_certain, float("inf")).amin(-1, keepdim=True)
+    values = torch.where(is_certain, values, torch.minimum(values, lowest_certain)).float()
+    # canonical order: by value, descending; ties by ascending id
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(-1, order)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)
+    tail = torch.where(drawn > 0, torch.zeros_like(outside), outside.clamp_min(0.0)).float()
     nll = -logprobs.gather(-1, targets[:, None].long()).squeeze(-1)
     return ids.int(), values.half(), tail.half(), nll
 

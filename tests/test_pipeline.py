@@ -150,3 +150,24 @@ def test_fusing_a_subset_of_sources_reuses_the_upstream_stages(finished, micro, 
     assert len(one["tokens"]) > 0 and (one["tokens"] == both["tokens"]).all()
     assert one["choice"].max() <= 1  # the target itself or its one source
     assert (one["counts"] != both["counts"]).any() or (one["ids"].shape != both["ids"].shape)
+
+
+def test_sampled_teachers_go_through_to_training(micro, tmp_path):
+    """logits.method: sampled: rows of estimates that sum to 1 flow through align, fuse and train."""
+    from fusion.stages import fuse, logits
+
+    small = {"corpus.max_documents": 14, "split.shard_blocks": 400}  # one shard of a few dozen blocks
+    run = open_run(parse_spec(micro.spec(tmp_path / "sampled", **small, **{"logits.method": "sampled"})))
+    top_k = open_run(parse_spec(micro.spec(tmp_path / "top-k", **small)))
+    assert run.hash("logits", "target") != top_k.hash("logits", "target")
+    timings = run_all(run, ["split", "vocab", "logits", "align", "fuse", "train"])
+    assert list(timings) == ["split", "vocab", "logits", "align", "fuse", "train"]
+    for model in ("target", "src-llama", "src-neox"):
+        rows = logits.read(run, model, 0)
+        assert len(rows["tokens"]) > 1000 and (rows["tail"] == 0).mean() > 0.99
+        assert np.allclose(np.exp(rows["topk_logprobs"].astype(np.float64)).sum(1) + rows["tail"], 1, atol=3e-3)
+        per_block = np.add.reduceat(rows["nll"].astype(np.float64), rows["seq_ptr"][:-1])
+        assert np.allclose(rows["seq_nll"], per_block, rtol=1e-2)  # the models' own NLL, not the estimates
+    packed = fuse.read(run, 0)
+    assert len(packed["tokens"]) > 1000 and (packed["counts"] > 0).all()
+    assert (tmp_path / "sampled/train/model/shard-00000.files/model.safetensors").exists()

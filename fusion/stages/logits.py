@@ -9,9 +9,17 @@ and the UTF-8 byte count. Top-k entries are ordered by log-prob, ties by id. Wit
 byte boundary inside the row's real token, up to 16 (`cont_depth` per row), each with up to that
 many entries, ordered the same way, and its tail.
 
+With `logits.method: sampled` the k entries of a row are drawn at random instead
+(fusion/scoring.py: sampled_rows): their values are the logs of unbiased estimates of the
+model's probabilities, summing to 1 (tail 0), in the same order and arrays; `nll` is still the
+model's own. Each shard's draws come from a seed derived from the stage's config hash (which
+covers the model, the blocks and the settings), the part and the shard index, so a rerun
+writes the same bytes.
+
 Stored compactly and exactly (fusion/encoding.py): tokens and ids in the narrowest unsigned
 type, log-probs as row-wise deltas of their float16 bit patterns, the real token's id and
-NLL only where they cannot be derived. `read` gives back the arrays above.
+NLL only where they cannot be derived (for sampled rows also where the real token is one of
+the sampled entries: `nll_estimated`). `read` gives back the arrays above.
 
 The scoring itself (top-k on the device, batching by length) is fusion/scoring.py; on GPUs
 it runs in bfloat16 unless logits.dtype says otherwise.
@@ -19,10 +27,12 @@ it runs in bfloat16 unless logits.dtype says otherwise.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from fusion import encoding, models, shards
-from fusion.scoring import TopK, concat, score_blocks
+from fusion.scoring import Sampled, TopK, concat, score_blocks
 from fusion.encoding import id_dtype  # noqa: F401  (re-exported: stages use logits.id_dtype)
 from fusion.errors import FusionError
 from fusion.run import Run
@@ -42,7 +52,7 @@ def inputs(run: Run, part: str) -> list[tuple[str, str]]:
 
 
 def fingerprint(run: Run, part: str) -> dict:
-    return {
+    out = {
         "split": run.hash("split", "train"),
         "model": run.model_identity(part),
         "top_k": run.spec.logits.top_k,
@@ -50,6 +60,9 @@ def fingerprint(run: Run, part: str) -> dict:
         "dtype": run.spec.logits.dtype,
         "format": FORMAT,
     }
+    if run.spec.logits.method != "top-k":  # top-k runs keep the hash (and captures) they had before methods existed
+        out["method"] = run.spec.logits.method
+    return out
 
 
 def shard_count(run: Run, part: str) -> int:
@@ -64,24 +77,31 @@ def compute_dtype(run: Run, part: str, device: str) -> str:
     return "bfloat16" if device == "cuda" else run.model(part).dtype
 
 
-_scorer: dict = {}  # the last model used, kept for the next shard of the same part
+_model: dict = {}  # the last model used, kept for the next shard of the same part
 
 
-def scorer_for(run: Run, part: str, device: str) -> TopK:
+def scorer_for(run: Run, part: str, device: str, index: int) -> TopK:
     spec = run.model(part)
     dtype = compute_dtype(run, part, device)
     key = (run.hash(NAME, part), device, dtype)
-    if key not in _scorer:
-        _scorer.clear()
-        m = run.spec.logits.continuations
-        ranges = None
-        if m > 0:
-            from fusion.continuations import prefix_ranges
-            from fusion.stages.vocab import token_view
+    if key not in _model:
+        _model.clear()
+        _model[key] = models.load_model(spec, device, dtype=dtype)
+    ranges = None
+    if run.spec.logits.continuations > 0:
+        from fusion.continuations import prefix_ranges
+        from fusion.stages.vocab import token_view
 
-            ranges = (prefix_ranges(token_view(run, part)), m)
-        _scorer[key] = TopK(models.load_model(spec, device, dtype=dtype), run.spec.logits.top_k, device, ranges)
-    return _scorer[key]
+        ranges = (prefix_ranges(token_view(run, part)), run.spec.logits.continuations)
+    if run.spec.logits.method == "sampled":
+        return Sampled(_model[key], run.spec.logits.top_k, device, shard_seed(run, part, index), ranges)
+    return TopK(_model[key], run.spec.logits.top_k, device, ranges)
+
+
+def shard_seed(run: Run, part: str, index: int) -> int:
+    """The seed of a shard's sampled rows: the same for a rerun, different for every model and shard."""
+    digest = hashlib.sha256(f"{run.hash(NAME, part)}/{part}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def run_shard(run: Run, part: str, index: int) -> None:
@@ -101,20 +121,22 @@ def run_shard(run: Run, part: str, index: int) -> None:
                 f"lower split.block_tokens"
             )
     device = models.pick_device(run.spec.logits.device)
-    scorer = scorer_for(run, part, device)
+    scorer = scorer_for(run, part, device, index)
     bos = models.context_token_id(spec, tokenizer)
     results = score_blocks(scorer, token_ids, bos, run.spec.logits.batch_tokens, desc=f"logits {part} shard {index}")
     vocab = models.logit_width(models.model_config(spec))
-    arrays = pack(token_ids, results, [len(t.encode("utf-8")) for t in texts], vocab, run.spec.logits.top_k,
+    text_bytes = [len(t.encode("utf-8")) for t in texts]
+    arrays = pack(token_ids, results, text_bytes, vocab, run.spec.logits.top_k, run.spec.logits.method,
                   run.spec.logits.continuations)
     shards.write_shard(run.store, NAME, part, index, arrays, run.hash(NAME, part), rows=len(arrays["tokens"]))
 
 
 def pack(
-    token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int, m: int = 0
+    token_ids: list[list[int]], results: list, text_bytes: list[int], vocab_size: int, k: int,
+    method: str = "top-k", m: int = 0
 ) -> dict[str, np.ndarray]:
-    """The stored arrays of a shard (fusion/encoding.py); m: continuation entries (results then
-    carry continuation rows, TopK's fields 4 to 7)."""
+    """The stored arrays of a shard (fusion/encoding.py); `method`: how the rows were made; m:
+    continuation entries (results then carry continuation rows, TopK's fields 4 to 7)."""
     dt = id_dtype(vocab_size)
     tokens = np.array([t for ids in token_ids for t in ids], dtype=dt)
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
@@ -122,7 +144,8 @@ def pack(
     ids, logprobs = concat(results, 0, (0, k), np.int64), concat(results, 1, (0, k), np.float16)
     nll32 = concat(results, 3, (0,), np.float32)
     ptr = encoding.row_ptr(lengths)
-    rows = encoding.encode_rows(np.full(len(tokens), k), ids.reshape(-1), logprobs.reshape(-1), tokens, vocab_size)
+    counts = np.full(len(tokens), k)
+    rows = encoding.encode_rows(counts, ids.reshape(-1), logprobs.reshape(-1), tokens, vocab_size)
     cont = {}
     if m > 0:
         depths = concat(results, 4, (0,), np.int64)
@@ -133,7 +156,7 @@ def pack(
         encoded = encoding.encode_rows(listed.sum(1), cont_ids[listed], cont_lp[listed], real, vocab_size)
         cont = {"cont_depth": encoding.narrow_uint(depths), **{f"cont_{name}": a for name, a in encoded.items()},
                 "cont_tail": concat(results, 7, (0,), np.float16)}
-    return {
+    arrays = {
         "tokens": tokens,
         "seq_len": encoding.narrow_uint(lengths),
         **rows,
@@ -143,6 +166,10 @@ def pack(
         "seq_nll": np.array([nll32[a:b].sum(dtype=np.float64) for a, b in zip(ptr[:-1], ptr[1:])], dtype=np.float32),
         "seq_bytes": encoding.narrow_uint(np.array(text_bytes, dtype=np.int64)),
     }
+    if method == "sampled":
+        estimated = encoding.estimated_rows(rows["rank"], counts, logprobs.reshape(-1))
+        arrays["nll_estimated"] = nll32.astype(np.float16)[estimated]
+    return arrays
 
 
 # what each array that `read` gives is decoded from
@@ -174,6 +201,8 @@ def read(run: Run, part: str, index: int, names: list[str] | None = None) -> dic
     if unknown:
         raise FusionError(f"logits: no array {', '.join(unknown)} (known: {', '.join(NEEDS)})")
     needed = sorted({s for n in names for s in NEEDS[n]})
+    if "nll" in names and run.spec.logits.method == "sampled":
+        needed.append("nll_estimated")
     stored = shards.read_shard(run.store, NAME, part, index, needed, run.hash(NAME, part))
     return decode(stored, names, run.spec.logits.top_k)
 
@@ -193,7 +222,8 @@ def decode(stored: dict[str, np.ndarray], names: list[str], k: int) -> dict[str,
         elif name == "topk_logprobs":
             out[name] = logprobs.reshape(-1, width)
         elif name == "nll":
-            out[name] = encoding.decode_nll(stored["nll_absent"], stored["rank"], counts, logprobs)
+            estimated = stored.get("nll_estimated")
+            out[name] = encoding.decode_nll(stored["nll_absent"], stored["rank"], counts, logprobs, estimated)
         elif name == "seq_bytes":
             out[name] = stored["seq_bytes"].astype(np.int64)
         elif name == "cont_ids":
