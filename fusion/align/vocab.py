@@ -101,6 +101,15 @@ def hard_map(source: TokenView, target: TokenView) -> np.ndarray:
     return np.array([vocab.get(s, -1) if s else -1 for s in spelled_as_target(source, target)], dtype=np.int32)
 
 
+# reference-soft's nearest-string search. A query x is compared with the target strings y as
+# multisets of characters: x's "elements" are (c, k) for each character c and k = 1 .. count of c
+# in x, and y holds (c, k) if it has c at least k times. If y holds s of x's elements,
+# lev(x, y) >= max(|x|, |y|) - s (the bag distance), so lev(x, y) <= j implies that y holds at
+# least |x| - j of them: at least one of ANY j + 1 of them. The search reads the targets holding
+# x's elements, rarest element first, computing distances bounded by the best so far, and stops
+# once the elements read outnumber the best distance: every target that could still tie or win
+# has been read. Targets holding none of x's elements are at distance max(|x|, |y|) exactly.
+
 @njit(cache=True)
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
@@ -151,191 +160,198 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
 
 
 @njit(cache=True)
-def _nearest_one(qf, x0, x1, qmask, tf, tp, tmask, by_length, length_start, row):
-    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], scanning targets in
-    order of growing length difference and skipping those whose lower bound (length difference;
-    characters present on one side only, through the 64-bit masks) already exceeds the best.
-
-    by_length: target ids sorted by (length, id); length_start[L]: where length L begins."""
-    max_len = len(length_start) - 2
-    size = x1 - x0
-    best = np.int64(1) << 40
-    best_id = np.int64(1) << 40
-    for delta in range(max_len + size + 1):
-        if delta > best:
-            break
-        for side in range(2):
-            if side == 1 and delta == 0:
-                continue
-            length = size + delta if side == 0 else size - delta
-            if length < 0 or length > max_len:
-                continue
-            for r in range(length_start[length], length_start[length + 1]):
-                y = by_length[r]
-                bound = delta
-                only_left = _popcount(qmask & ~tmask[y])
-                only_right = _popcount(tmask[y] & ~qmask)
-                if only_left > bound:
-                    bound = only_left
-                if only_right > bound:
-                    bound = only_right
-                if bound > best or (bound == best and y > best_id):
-                    continue
-                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-                if d < best or (d == best and y < best_id):
-                    best = d
-                    best_id = y
-    return best_id
-
-
-@njit(cache=True)
-def _postings(tf, tp, chars):
-    """Per character (index into the sorted array `chars`): the targets holding it and how often,
-    as CSR (start, target, count)."""
+def _element_postings(tf, tp, chars):
+    """The targets holding each element (c, k), as CSR: element e = first[c] + k - 1 for the
+    character index c (into `chars`) and k <= most[c], the most times any target has c;
+    holders[start[e]:start[e + 1]] its targets in id order."""
     n = len(tp) - 1
-    entries_char = np.empty(len(tf), np.int64)
-    entries_target = np.empty(len(tf), np.int32)
-    entries_count = np.empty(len(tf), np.int32)
-    e = 0
+    most = np.zeros(len(chars), np.int64)
+    index = np.searchsorted(chars, tf)
     for y in range(n):
-        own = np.sort(np.searchsorted(chars, tf[tp[y]:tp[y + 1]]))
+        own = np.sort(index[tp[y]:tp[y + 1]])
         q = 0
         while q < len(own):
             r = q
             while r < len(own) and own[r] == own[q]:
                 r += 1
-            entries_char[e] = own[q]
-            entries_target[e] = y
-            entries_count[e] = r - q
-            e += 1
+            most[own[q]] = max(most[own[q]], r - q)
             q = r
-    order = np.argsort(entries_char[:e], kind="mergesort")  # stable: targets ascending per character
-    start = np.zeros(len(chars) + 1, np.int64)
-    for q in range(e):
-        start[entries_char[q] + 1] += 1
-    for c in range(len(chars)):
-        start[c + 1] += start[c]
-    return start, entries_target[:e][order], entries_count[:e][order]
+    first = np.zeros(len(chars) + 1, np.int64)
+    first[1:] = np.cumsum(most)
+    start = np.zeros(first[-1] + 1, np.int64)
+    for y in range(n):  # an element per character occurrence: (c, 1), (c, 2), ... in sorted order
+        own = np.sort(index[tp[y]:tp[y + 1]])
+        for q in range(len(own)):
+            k = q - np.searchsorted(own, own[q])
+            start[first[own[q]] + k + 1] += 1
+    start = np.cumsum(start)
+    holders = np.empty(len(tf), np.int32)
+    fill = start[:-1].copy()
+    for y in range(n):
+        own = np.sort(index[tp[y]:tp[y + 1]])
+        for q in range(len(own)):
+            e = first[own[q]] + q - np.searchsorted(own, own[q])
+            holders[fill[e]] = y
+            fill[e] += 1
+    return first, most, start, holders
 
 
 @njit(cache=True)
-def _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start, target, count,
-                       shared, stamp, mark, row):
-    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], for a query whose
-    characters few targets hold. A target sharing no character with the query is at distance
-    max(|x|, |y|) exactly; one sharing `s` (multiset count) is at least max(|x|, |y|) - s away.
-    So: the best target sharing nothing, then the sharing ones in order of that bound."""
+def _bit_distance(peq, size, ty, y0, y1, bound):
+    """Levenshtein distance of a query of `size` <= 64 characters and the target characters
+    ty[y0:y1] if it is <= bound, else some value > bound: Myers' bit-parallel algorithm (one
+    machine word per target character, in Hyyrö's form for whole strings). peq[c]: the query
+    positions holding character c, as bits."""
+    one = np.uint64(1)
+    high = one << np.uint64(size - 1)
+    pv = ~np.uint64(0)
+    mv = np.uint64(0)
+    score = size
+    for q in range(y0, y1):
+        eq = peq[ty[q]]
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)
+        mh = pv & xh
+        if ph & high:
+            score += 1
+        elif mh & high:
+            score -= 1
+        if score - (y1 - q - 1) > bound:  # even matching every remaining character would not do
+            return bound + 1
+        ph = (ph << one) | one
+        mh = mh << one
+        pv = mh | ~(xv | ph)
+        mv = ph & xv
+    return score
+
+
+@njit(cache=True)
+def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, chars, first, most, start, holders,
+                 seen, mark, peq, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1] (see above). ty: the
+    target characters as indices into `chars`; seen[y] == mark: target y has been read for this
+    query; peq: zeros, one word per character of `chars` (left as found)."""
     size = x1 - x0
     own = np.sort(qf[x0:x1])
-    touched = []
+    lo = np.zeros(size, np.int64)  # posting range per element; empty for elements no target holds
+    hi = np.zeros(size, np.int64)
     q = 0
     while q < size:
+        c = np.searchsorted(chars, own[q])
         r = q
         while r < size and own[r] == own[q]:
+            if c < len(chars) and chars[c] == own[q] and r - q < most[c]:
+                e = first[c] + r - q
+                lo[r], hi[r] = start[e], start[e + 1]
             r += 1
-        c = np.searchsorted(chars, own[q])
-        if c < len(chars) and chars[c] == own[q]:
-            for e in range(start[c], start[c + 1]):
-                y = target[e]
-                if stamp[y] != mark:
-                    stamp[y] = mark
-                    shared[y] = 0
-                    touched.append(y)
-                shared[y] += min(r - q, count[e])
         q = r
+    bits = size <= 64
+    if bits:
+        for i in range(size):
+            c = np.searchsorted(chars, qf[x0 + i])
+            if c < len(chars) and chars[c] == qf[x0 + i]:
+                peq[c] |= np.uint64(1) << np.uint64(i)
+    order = np.argsort(hi - lo)
     best = np.int64(1) << 40
     best_id = np.int64(1) << 40
-    for y in by_id:  # sharing nothing, at most as long as the query: distance |x|, lowest id first
-        if tp[y + 1] - tp[y] > size:
-            continue
-        if stamp[y] != mark:
-            best, best_id = size, y
-            break
-    if best_id == np.int64(1) << 40:  # else the shortest longer one sharing nothing
-        for length in range(size + 1, len(length_start) - 1):
-            for r in range(length_start[length], length_start[length + 1]):
-                y = by_length[r]
-                if stamp[y] != mark:
-                    best, best_id = length, y
-                    break
-            if best_id != np.int64(1) << 40:
-                break
-    # the sharing targets by bound (a counting sort: bounds are small), each bucket in any order
-    top = 0
-    for y in touched:
-        top = max(top, max(size, tp[y + 1] - tp[y]) - shared[y])
-    fill = np.zeros(top + 2, np.int64)
-    for y in touched:
-        fill[max(size, tp[y + 1] - tp[y]) - shared[y] + 1] += 1
-    for b in range(top + 1):
-        fill[b + 1] += fill[b]
-    bucket_start = fill.copy()
-    ordered = np.empty(len(touched), np.int64)
-    for y in touched:
-        b = max(size, tp[y + 1] - tp[y]) - shared[y]
-        ordered[fill[b]] = y
-        fill[b] += 1
-    for b in range(top + 1):
-        if b > best:
-            break
-        for r in range(bucket_start[b], bucket_start[b + 1]):
-            y = ordered[r]
-            if b == best and y > best_id:
+    done = False
+    for j in range(size):
+        for p in range(lo[order[j]], hi[order[j]]):
+            y = holders[p]
+            if seen[y] == mark:
                 continue
-            d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+            seen[y] = mark
+            # lower bounds: the length difference; characters on one side only (64-bit masks)
+            bound = abs(tp[y + 1] - tp[y] - size)
+            bound = max(bound, _popcount(qmask & ~tmask[y]), _popcount(tmask[y] & ~qmask))
+            if bound > best or (bound == best and y > best_id):
+                continue
+            if bits:
+                d = _bit_distance(peq, size, ty, tp[y], tp[y + 1], best)
+            else:
+                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
             if d < best or (d == best and y < best_id):
                 best, best_id = d, y
+        if best <= j:  # j + 1 elements read: every target at distance <= j has been
+            done = True
+            break
+    if bits:
+        for i in range(size):
+            c = np.searchsorted(chars, qf[x0 + i])
+            if c < len(chars):
+                peq[c] = 0
+    if done:
+        return best_id
+    # every target holding a character of the query has been read; the others are at max(|x|, |y|):
+    # |x| for the lowest id at most as long as the query, else the length of the shortest longer one
+    for length in range(1, len(length_start) - 1):
+        if max(length, size) > best:
+            break
+        for r in range(length_start[length], length_start[length + 1]):
+            y = by_length[r]
+            if seen[y] != mark:
+                if max(length, size) < best or y < best_id:
+                    best, best_id = max(length, size), y
+                break
     return best_id
 
 
 @njit(parallel=True, cache=True)
-def _nearest_all(qf, qp, qmask, tf, tp, tmask, by_id, by_length, length_start, longest, chars, start, target,
-                 count, chunks, shared_search):
-    """The nearest target for every query, each by the search likely cheaper for it: through the
-    targets that share its characters where those are not many more than the targets
-    (_nearest_by_shared), else by length (_nearest_one; for all queries without shared_search)."""
+def _nearest_all(qf, qp, qmask, tf, ty, tp, tmask, by_length, length_start, longest, chars, first, most, start,
+                 holders, chunks):
     nq = len(qp) - 1
     out = np.full(nq, -1, np.int32)
-    n_targets = len(tp) - 1
     per = (nq + chunks - 1) // chunks
     for part in prange(chunks):
-        shared = np.zeros(n_targets, np.int64)
-        stamp = np.zeros(n_targets, np.int64)
+        seen = np.zeros(len(tp) - 1, np.int64)
+        peq = np.zeros(len(chars), np.uint64)
         row = np.empty(longest + 2, np.int64)
         for qi in range(part * per, min(nq, (part + 1) * per)):
-            x0, x1 = qp[qi], qp[qi + 1]
-            work = 0
-            for q in range(x0, x1):
-                c = np.searchsorted(chars, qf[q])
-                if c < len(chars) and chars[c] == qf[q]:
-                    work += start[c + 1] - start[c]
-            if shared_search and work < 2 * n_targets:
-                out[qi] = _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start,
-                                             target, count, shared, stamp, qi + 1, row)
-            else:
-                out[qi] = _nearest_one(qf, x0, x1, qmask[qi], tf, tp, tmask, by_length, length_start, row)
+            out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qmask[qi], tf, ty, tp, tmask, by_length, length_start,
+                                   chars, first, most, start, holders, seen, qi + 1, peq, row)
     return out
 
 
-def nearest_strings(queries: list[str], targets: list[str], shared_search: bool = True) -> np.ndarray:
-    """For each query: the index of the first target (in list order) at minimum Levenshtein
-    distance; empty target strings never win. shared_search=False: every query by length alone
-    (the slower search this one replaced; the same answers)."""
-    qf, qp = codepoints(queries)
-    tf, tp = codepoints(targets)
-    lengths = np.diff(tp)
-    usable = np.flatnonzero(lengths > 0)
-    by_length = usable[np.lexsort((usable, lengths[usable]))].astype(np.int64)
-    max_len = int(lengths.max(initial=0))
-    length_start = np.searchsorted(lengths[by_length], np.arange(max_len + 2)).astype(np.int64)
-    longest = int(max(max_len, np.diff(qp).max(initial=0)))
-    chars = np.unique(tf)
-    start, target, count = _postings(tf, tp, chars)
-    from numba import get_num_threads
+class StringIndex:
+    """A target vocabulary's strings prepared for the nearest-string search (built once per
+    vocabulary: soft_map keeps it on the target's view)."""
 
-    return _nearest_all(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), usable.astype(np.int64), by_length,
-                        length_start, longest, chars, start, target, count, max(1, get_num_threads() * 8),
-                        shared_search)
+    def __init__(self, targets: list[str]):
+        self.tf, self.tp = codepoints(targets)
+        lengths = np.diff(self.tp)
+        usable = np.flatnonzero(lengths > 0)  # empty target strings never win
+        self.by_length = usable[np.lexsort((usable, lengths[usable]))].astype(np.int64)
+        self.length_start = np.searchsorted(lengths[self.by_length], np.arange(lengths.max(initial=0) + 2))
+        self.longest = int(lengths.max(initial=0))
+        self.mask = _char_masks(self.tf, self.tp)
+        self.chars = np.unique(self.tf)
+        self.ty = np.searchsorted(self.chars, self.tf).astype(np.int32)
+        self.first, self.most, self.start, self.holders = _element_postings(self.tf, self.tp, self.chars)
+
+    def nearest(self, queries: list[str]) -> np.ndarray:
+        """For each query: the index of the first target (in list order) at minimum Levenshtein
+        distance."""
+        from numba import get_num_threads
+
+        qf, qp = codepoints(queries)
+        longest = int(max(self.longest, np.diff(qp).max(initial=0)))
+        return _nearest_all(qf, qp, _char_masks(qf, qp), self.tf, self.ty, self.tp, self.mask, self.by_length,
+                            self.length_start.astype(np.int64), longest, self.chars, self.first, self.most,
+                            self.start, self.holders, max(1, get_num_threads() * 8))
+
+
+def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
+    """For each query: the index of the first target (in list order) at minimum Levenshtein
+    distance; empty target strings never win."""
+    return StringIndex(targets).nearest(queries)
+
+
+def string_index(target: TokenView) -> StringIndex:
+    index = target.__dict__.get("_string_index")
+    if index is None:
+        index = target.__dict__["_string_index"] = StringIndex(target.strings)
+    return index
 
 
 def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
@@ -344,7 +360,7 @@ def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
     out = np.array([vocab.get(s, -1) for s in spelled], dtype=np.int32)
     todo = [i for i, s in enumerate(spelled) if out[i] < 0 and s]
     if todo:
-        nearest = nearest_strings([spelled[i] for i in todo], target.strings)
+        nearest = string_index(target).nearest([spelled[i] for i in todo])
         out[todo] = target.canonical[nearest]
     return out
 
