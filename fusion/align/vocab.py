@@ -160,14 +160,14 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
 
 
 @njit(cache=True)
-def _element_postings(tf, tp, chars):
+def _element_postings(tf, tp, chars, by_length):
     """The targets holding each element (c, k), as CSR: element e = first[c] + k - 1 for the
     character index c (into `chars`) and k <= most[c], the most times any target has c;
-    holders[start[e]:start[e + 1]] its targets in id order."""
-    n = len(tp) - 1
+    holders[start[e]:start[e + 1]] its targets in order of (length, id), their lengths in
+    holder_length. by_length: the non-empty targets in that order."""
     most = np.zeros(len(chars), np.int64)
     index = np.searchsorted(chars, tf)
-    for y in range(n):
+    for y in by_length:
         own = np.sort(index[tp[y]:tp[y + 1]])
         q = 0
         while q < len(own):
@@ -179,21 +179,22 @@ def _element_postings(tf, tp, chars):
     first = np.zeros(len(chars) + 1, np.int64)
     first[1:] = np.cumsum(most)
     start = np.zeros(first[-1] + 1, np.int64)
-    for y in range(n):  # an element per character occurrence: (c, 1), (c, 2), ... in sorted order
+    for y in by_length:  # an element per character occurrence: (c, 1), (c, 2), ... in sorted order
         own = np.sort(index[tp[y]:tp[y + 1]])
         for q in range(len(own)):
-            k = q - np.searchsorted(own, own[q])
-            start[first[own[q]] + k + 1] += 1
+            start[first[own[q]] + q - np.searchsorted(own, own[q]) + 1] += 1
     start = np.cumsum(start)
     holders = np.empty(len(tf), np.int32)
+    holder_length = np.empty(len(tf), np.int32)
     fill = start[:-1].copy()
-    for y in range(n):
+    for y in by_length:
         own = np.sort(index[tp[y]:tp[y + 1]])
         for q in range(len(own)):
             e = first[own[q]] + q - np.searchsorted(own, own[q])
             holders[fill[e]] = y
+            holder_length[fill[e]] = tp[y + 1] - tp[y]
             fill[e] += 1
-    return first, most, start, holders
+    return first, most, start, holders, holder_length
 
 
 @njit(cache=True)
@@ -228,7 +229,7 @@ def _bit_distance(peq, size, ty, y0, y1, bound):
 
 @njit(cache=True)
 def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, chars, first, most, start, holders,
-                 seen, mark, peq, row):
+                 holder_length, seen, mark, peq, row):
     """The lowest target id at minimum Levenshtein distance from qf[x0:x1] (see above). ty: the
     target characters as indices into `chars`; seen[y] == mark: target y has been read for this
     query; peq: zeros, one word per character of `chars` (left as found)."""
@@ -257,22 +258,32 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
     best_id = np.int64(1) << 40
     done = False
     for j in range(size):
-        for p in range(lo[order[j]], hi[order[j]]):
-            y = holders[p]
-            if seen[y] == mark:
-                continue
-            seen[y] = mark
-            # lower bounds: the length difference; characters on one side only (64-bit masks)
-            bound = abs(tp[y + 1] - tp[y] - size)
-            bound = max(bound, _popcount(qmask & ~tmask[y]), _popcount(tmask[y] & ~qmask))
-            if bound > best or (bound == best and y > best_id):
-                continue
-            if bits:
-                d = _bit_distance(peq, size, ty, tp[y], tp[y + 1], best)
-            else:
-                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-            if d < best or (d == best and y < best_id):
-                best, best_id = d, y
+        # the element's holders from the query's length outward, while the length difference alone
+        # does not exceed the best distance (a holder left out is too far; see the tail below)
+        e0, e1 = lo[order[j]], hi[order[j]]
+        middle = e0 + np.searchsorted(holder_length[e0:e1], size)
+        for way in range(2):
+            p = middle if way == 0 else middle - 1
+            while e0 <= p < e1 and abs(holder_length[p] - size) <= best:
+                y, p_y = holders[p], p
+                bound = abs(holder_length[p] - size)
+                p += 1 if way == 0 else -1
+                if seen[y] == mark:
+                    continue
+                seen[y] = mark
+                # y holds none of the j elements read before (it would have been read, or left out
+                # as too long or short), so its bag distance is at least j more than its excess
+                # length; and characters on one side only (64-bit masks)
+                bound = max(bound, j + max(holder_length[p_y] - size, 0), _popcount(qmask & ~tmask[y]),
+                            _popcount(tmask[y] & ~qmask))
+                if bound > best or (bound == best and y > best_id):
+                    continue
+                if bits:
+                    d = _bit_distance(peq, size, ty, tp[y], tp[y + 1], best)
+                else:
+                    d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+                if d < best or (d == best and y < best_id):
+                    best, best_id = d, y
         if best <= j:  # j + 1 elements read: every target at distance <= j has been
             done = True
             break
@@ -299,17 +310,17 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
 
 @njit(parallel=True, cache=True)
 def _nearest_all(qf, qp, qmask, tf, ty, tp, tmask, by_length, length_start, longest, chars, first, most, start,
-                 holders, chunks):
+                 holders, holder_length, chunks):
     nq = len(qp) - 1
     out = np.full(nq, -1, np.int32)
     per = (nq + chunks - 1) // chunks
     for part in prange(chunks):
-        seen = np.zeros(len(tp) - 1, np.int64)
+        seen = np.zeros(len(tp) - 1, np.int32)
         peq = np.zeros(len(chars), np.uint64)
         row = np.empty(longest + 2, np.int64)
         for qi in range(part * per, min(nq, (part + 1) * per)):
             out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qmask[qi], tf, ty, tp, tmask, by_length, length_start,
-                                   chars, first, most, start, holders, seen, qi + 1, peq, row)
+                                   chars, first, most, start, holders, holder_length, seen, qi + 1, peq, row)
     return out
 
 
@@ -327,7 +338,8 @@ class StringIndex:
         self.mask = _char_masks(self.tf, self.tp)
         self.chars = np.unique(self.tf)
         self.ty = np.searchsorted(self.chars, self.tf).astype(np.int32)
-        self.first, self.most, self.start, self.holders = _element_postings(self.tf, self.tp, self.chars)
+        self.first, self.most, self.start, self.holders, self.holder_length = _element_postings(
+            self.tf, self.tp, self.chars, self.by_length)
 
     def nearest(self, queries: list[str]) -> np.ndarray:
         """For each query: the index of the first target (in list order) at minimum Levenshtein
@@ -338,7 +350,7 @@ class StringIndex:
         longest = int(max(self.longest, np.diff(qp).max(initial=0)))
         return _nearest_all(qf, qp, _char_masks(qf, qp), self.tf, self.ty, self.tp, self.mask, self.by_length,
                             self.length_start.astype(np.int64), longest, self.chars, self.first, self.most,
-                            self.start, self.holders, max(1, get_num_threads() * 8))
+                            self.start, self.holders, self.holder_length, max(1, get_num_threads() * 8))
 
 
 def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
