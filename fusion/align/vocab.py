@@ -229,7 +229,7 @@ def _bit_distance(peq, size, ty, y0, y1, bound):
 
 @njit(cache=True)
 def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, chars, first, most, start, holders,
-                 holder_length, seen, mark, peq, row):
+                 holder_length, holder_mask, seen, mark, peq, row):
     """The lowest target id at minimum Levenshtein distance from qf[x0:x1] (see above). ty: the
     target characters as indices into `chars`; seen[y] == mark: target y has been read for this
     query; peq: zeros, one word per character of `chars` (left as found)."""
@@ -265,19 +265,17 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
         for way in range(2):
             p = middle if way == 0 else middle - 1
             while e0 <= p < e1 and abs(holder_length[p] - size) <= best:
-                y, p_y = holders[p], p
-                bound = abs(holder_length[p] - size)
+                y, length, mask = holders[p], holder_length[p], holder_mask[p]
                 p += 1 if way == 0 else -1
-                if seen[y] == mark:
+                # lower bounds: the length difference; characters on one side only (64-bit masks);
+                # and, if y holds none of the j elements read before, a bag distance at least j
+                # more than its excess length (if it holds one, it was read then: either its
+                # distance is known, or a bound put it out of reach for good)
+                bound = max(abs(length - size), j + max(length - size, 0), _popcount(qmask & ~mask),
+                            _popcount(mask & ~qmask))
+                if bound > best or (bound == best and y > best_id) or seen[y] == mark:
                     continue
                 seen[y] = mark
-                # y holds none of the j elements read before (it would have been read, or left out
-                # as too long or short), so its bag distance is at least j more than its excess
-                # length; and characters on one side only (64-bit masks)
-                bound = max(bound, j + max(holder_length[p_y] - size, 0), _popcount(qmask & ~tmask[y]),
-                            _popcount(tmask[y] & ~qmask))
-                if bound > best or (bound == best and y > best_id):
-                    continue
                 if bits:
                     d = _bit_distance(peq, size, ty, tp[y], tp[y + 1], best)
                 else:
@@ -310,7 +308,7 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
 
 @njit(parallel=True, cache=True)
 def _nearest_all(qf, qp, qmask, tf, ty, tp, tmask, by_length, length_start, longest, chars, first, most, start,
-                 holders, holder_length, chunks):
+                 holders, holder_length, holder_mask, chunks):
     nq = len(qp) - 1
     out = np.full(nq, -1, np.int32)
     per = (nq + chunks - 1) // chunks
@@ -320,7 +318,7 @@ def _nearest_all(qf, qp, qmask, tf, ty, tp, tmask, by_length, length_start, long
         row = np.empty(longest + 2, np.int64)
         for qi in range(part * per, min(nq, (part + 1) * per)):
             out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qmask[qi], tf, ty, tp, tmask, by_length, length_start,
-                                   chars, first, most, start, holders, holder_length, seen, qi + 1, peq, row)
+                                   chars, first, most, start, holders, holder_length, holder_mask, seen, qi + 1, peq, row)
     return out
 
 
@@ -340,6 +338,7 @@ class StringIndex:
         self.ty = np.searchsorted(self.chars, self.tf).astype(np.int32)
         self.first, self.most, self.start, self.holders, self.holder_length = _element_postings(
             self.tf, self.tp, self.chars, self.by_length)
+        self.holder_mask = self.mask[self.holders]
 
     def nearest(self, queries: list[str]) -> np.ndarray:
         """For each query: the index of the first target (in list order) at minimum Levenshtein
@@ -350,7 +349,8 @@ class StringIndex:
         longest = int(max(self.longest, np.diff(qp).max(initial=0)))
         return _nearest_all(qf, qp, _char_masks(qf, qp), self.tf, self.ty, self.tp, self.mask, self.by_length,
                             self.length_start.astype(np.int64), longest, self.chars, self.first, self.most,
-                            self.start, self.holders, self.holder_length, max(1, get_num_threads() * 8))
+                            self.start, self.holders, self.holder_length,
+                            self.holder_mask, max(1, get_num_threads() * 8))
 
 
 def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
