@@ -1,6 +1,6 @@
 """The compiled vocabulary-map searches give the plain rules' answers on real vocabularies up to
-151k: the byte trie the FirstToken rule's, the nearest-string search a scan of every target
-string by its full edit-distance table (the original's find_best_mapping, which the fixture test
+151k: the byte trie and the default map the FirstToken rule's, the nearest-string search a scan of
+every target string by its full edit-distance table (the original's find_best_mapping, which the fixture test
 also checks a whole map against)."""
 
 import numpy as np
@@ -9,7 +9,7 @@ from numba import njit
 
 from fusion.align import token_view
 from fusion.align.tokens import codepoints
-from fusion.align.vocab import FirstToken, byte_trie, nearest_strings, spelled_as_target
+from fusion.align.vocab import FirstToken, byte_trie, default_map, nearest_strings, spelled_as_target
 
 _loaded = {}
 
@@ -40,6 +40,28 @@ def test_byte_trie_is_the_first_token_rule(shared, source, target):
         [first(s.data[a:b].tobytes()) for a, b in zip(cut, s.ptr[ids + 1])]
     assert [max(g, -1) for g in trie.firsts(s.data, s.ptr[ids], s.ptr[ids + 1], 0x20).tolist()] == \
         [first(b" " + s.token_bytes(int(x))) for x in ids]
+
+
+@pytest.mark.parametrize("source,target", [("qwen3", "llama2"), ("llama2", "qwen3"), ("qwen3", "gpt-neox-20b"),
+                                           ("stories260K", "qwen3")])
+def test_default_map_is_the_first_token_rule(shared, source, target):
+    s, t = load(shared, source), load(shared, target)
+    first = FirstToken(t)
+
+    def plain(x):
+        if s.special[x] or s.lengths[x] == 0:
+            if x == s.eos_id and t.eos_id >= 0:
+                return t.eos_id
+            if x == s.bos_id and t.bos_id >= 0:
+                return t.bos_id
+            return t.unk_id if x == s.unk_id else -1
+        data = s.token_bytes(x)
+        hit = first(data)
+        if hit >= 0 or data in first.started:  # -1 there: the target token is unknowable
+            return hit
+        return t.unk_id  # bytes the target cannot spell
+
+    assert default_map(s, t).tolist() == [plain(x) for x in range(s.size)]
 
 
 @njit(cache=True)

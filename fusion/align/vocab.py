@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .tokens import TokenView, codepoints
 
@@ -109,8 +109,83 @@ def hard_map(source: TokenView, target: TokenView) -> np.ndarray:
 # x's elements, rarest element first, computing distances bounded by the best so far, and stops
 # once the elements read outnumber the best distance: every target that could still tie or win
 # has been read. Targets holding none of x's elements are at distance max(|x|, |y|) exactly.
+# Index and queries are prepared with numpy; the compiled part is plain loops (quick to compile).
 
-@njit(cache=True)
+def _char_masks(flat: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """Per string: a 64-bit set of (hashed) characters it contains."""
+    bits = np.left_shift(np.uint64(1), (flat.astype(np.uint64) * np.uint64(2654435761) >> np.uint64(13)) & np.uint64(63))
+    masks = np.zeros(len(ptr) - 1, np.uint64)
+    np.bitwise_or.at(masks, np.repeat(np.arange(len(ptr) - 1), np.diff(ptr)), bits)
+    return masks
+
+
+def _occurrence(owner: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per position: how many earlier positions of the same owner hold the same value."""
+    order = np.lexsort((values, owner))
+    o, v = owner[order], values[order]
+    run = np.flatnonzero(np.r_[True, (o[1:] != o[:-1]) | (v[1:] != v[:-1])])
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(run, np.diff(np.r_[run, len(order)]))
+    return rank
+
+
+class StringIndex:
+    """A target vocabulary's strings prepared for the nearest-string search (built once per
+    vocabulary: soft_map keeps it on the target's view).
+
+    Element e = first[c] + k - 1 stands for (chars[c], k), k <= the most times any target has that
+    character; holders[start[e]:start[e + 1]] are the targets holding it, in order of (length, id),
+    with their lengths and character masks beside them."""
+
+    def __init__(self, targets: list[str]):
+        self.tf, self.tp = codepoints(targets)
+        lengths = np.diff(self.tp)
+        usable = np.flatnonzero(lengths > 0)  # empty target strings never win
+        self.by_length = usable[np.lexsort((usable, lengths[usable]))]
+        self.length_start = np.searchsorted(lengths[self.by_length], np.arange(lengths.max(initial=0) + 2))
+        self.longest = int(lengths.max(initial=0))
+        self.chars, ty = np.unique(self.tf, return_inverse=True)
+        self.ty = ty.astype(np.int32)  # the target characters as indices into chars
+        owner = np.repeat(np.arange(len(targets)), lengths)
+        rank = _occurrence(owner, self.ty)
+        self.most = np.zeros(len(self.chars), np.int64)
+        np.maximum.at(self.most, self.ty, rank + 1)
+        self.first = np.r_[0, np.cumsum(self.most)]
+        element = self.first[self.ty] + rank
+        order = np.lexsort((owner, lengths[owner], element))
+        self.start = np.searchsorted(element[order], np.arange(self.first[-1] + 1))
+        self.holders = owner[order].astype(np.int32)
+        self.holder_length = lengths[self.holders].astype(np.int32)
+        self.holder_mask = _char_masks(self.tf, self.tp)[self.holders]
+
+    def nearest(self, queries: list[str]) -> np.ndarray:
+        """For each query: the index of the first target (in list order) at minimum Levenshtein
+        distance."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        qf, qp = codepoints(queries)
+        sizes = np.diff(qp)
+        owner = np.repeat(np.arange(len(queries)), sizes)
+        c = np.minimum(np.searchsorted(self.chars, qf), max(len(self.chars) - 1, 0))
+        known = (self.chars[c] == qf) if len(self.chars) else np.zeros(len(qf), bool)
+        rank = _occurrence(owner, qf)
+        held = known.copy()
+        held[known] = rank[known] < self.most[c[known]]
+        element = self.first[c[held]] + rank[held]
+        lo, hi = np.zeros(len(qf), np.int64), np.zeros(len(qf), np.int64)  # elements no target holds: none
+        lo[held], hi[held] = self.start[element], self.start[element + 1]
+        rarest = np.lexsort((hi - lo, owner))  # each query's elements stay in its own range
+        out = np.full(len(queries), -1, np.int32)
+        args = (qf, qp, np.where(known, c, -1), _char_masks(qf, qp), lo[rarest], hi[rarest], self.tf, self.ty, self.tp,
+                self.by_length, self.length_start, self.holders, self.holder_length, self.holder_mask, len(self.chars),
+                int(max(self.longest, sizes.max(initial=0))), out)
+        step = 2000
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+            list(pool.map(lambda a: _nearest_range(a, min(a + step, len(queries)), *args), range(0, len(queries), step)))
+        return out
+
+
+@njit(cache=True, nogil=True)
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -118,21 +193,7 @@ def _popcount(x):
     return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-@njit(cache=True)
-def _char_masks(flat, ptr):
-    """Per string: a 64-bit set of (hashed) characters it contains."""
-    n = len(ptr) - 1
-    masks = np.zeros(n, np.uint64)
-    for s in range(n):
-        mask = np.uint64(0)
-        for q in range(ptr[s], ptr[s + 1]):
-            bit = ((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63)
-            mask |= np.uint64(1) << bit
-        masks[s] = mask
-    return masks
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     """Levenshtein distance of x[x0:x1] and y[y0:y1] if it is <= bound, else some value > bound."""
     n = x1 - x0
@@ -159,45 +220,7 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     return row[m]
 
 
-@njit(cache=True)
-def _element_postings(tf, tp, chars, by_length):
-    """The targets holding each element (c, k), as CSR: element e = first[c] + k - 1 for the
-    character index c (into `chars`) and k <= most[c], the most times any target has c;
-    holders[start[e]:start[e + 1]] its targets in order of (length, id), their lengths in
-    holder_length. by_length: the non-empty targets in that order."""
-    most = np.zeros(len(chars), np.int64)
-    index = np.searchsorted(chars, tf)
-    for y in by_length:
-        own = np.sort(index[tp[y]:tp[y + 1]])
-        q = 0
-        while q < len(own):
-            r = q
-            while r < len(own) and own[r] == own[q]:
-                r += 1
-            most[own[q]] = max(most[own[q]], r - q)
-            q = r
-    first = np.zeros(len(chars) + 1, np.int64)
-    first[1:] = np.cumsum(most)
-    start = np.zeros(first[-1] + 1, np.int64)
-    for y in by_length:  # an element per character occurrence: (c, 1), (c, 2), ... in sorted order
-        own = np.sort(index[tp[y]:tp[y + 1]])
-        for q in range(len(own)):
-            start[first[own[q]] + q - np.searchsorted(own, own[q]) + 1] += 1
-    start = np.cumsum(start)
-    holders = np.empty(len(tf), np.int32)
-    holder_length = np.empty(len(tf), np.int32)
-    fill = start[:-1].copy()
-    for y in by_length:
-        own = np.sort(index[tp[y]:tp[y + 1]])
-        for q in range(len(own)):
-            e = first[own[q]] + q - np.searchsorted(own, own[q])
-            holders[fill[e]] = y
-            holder_length[fill[e]] = tp[y + 1] - tp[y]
-            fill[e] += 1
-    return first, most, start, holders, holder_length
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bit_distance(peq, size, ty, y0, y1, bound):
     """Levenshtein distance of a query of `size` <= 64 characters and the target characters
     ty[y0:y1] if it is <= bound, else some value > bound: Myers' bit-parallel algorithm (one
@@ -227,43 +250,34 @@ def _bit_distance(peq, size, ty, y0, y1, bound):
     return score
 
 
-@njit(cache=True)
-def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, chars, first, most, start, holders,
-                 holder_length, holder_mask, seen, mark, peq, row):
-    """The lowest target id at minimum Levenshtein distance from qf[x0:x1] (see above). ty: the
-    target characters as indices into `chars`; seen[y] == mark: target y has been read for this
-    query; peq: zeros, one word per character of `chars` (left as found)."""
+@njit(cache=True, nogil=True)
+def _nearest_one(qf, x0, x1, qc, qmask, lo, hi, tf, ty, tp, by_length, length_start, holders, holder_length,
+                 holder_mask, seen, mark, peq, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1]. qc: its characters as
+    indices into the index's chars (-1: none has it); lo[x0 + j]:hi[x0 + j]: the holders of its
+    j-th rarest element; seen[y] == mark: y's distance is known; peq: zeros (left as found)."""
     size = x1 - x0
-    own = np.sort(qf[x0:x1])
-    lo = np.zeros(size, np.int64)  # posting range per element; empty for elements no target holds
-    hi = np.zeros(size, np.int64)
-    q = 0
-    while q < size:
-        c = np.searchsorted(chars, own[q])
-        r = q
-        while r < size and own[r] == own[q]:
-            if c < len(chars) and chars[c] == own[q] and r - q < most[c]:
-                e = first[c] + r - q
-                lo[r], hi[r] = start[e], start[e + 1]
-            r += 1
-        q = r
     bits = size <= 64
     if bits:
         for i in range(size):
-            c = np.searchsorted(chars, qf[x0 + i])
-            if c < len(chars) and chars[c] == qf[x0 + i]:
-                peq[c] |= np.uint64(1) << np.uint64(i)
-    order = np.argsort(hi - lo)
+            if qc[x0 + i] >= 0:
+                peq[qc[x0 + i]] |= np.uint64(1) << np.uint64(i)
     best = np.int64(1) << 40
     best_id = np.int64(1) << 40
     done = False
     for j in range(size):
         # the element's holders from the query's length outward, while the length difference alone
-        # does not exceed the best distance (a holder left out is too far; see the tail below)
-        e0, e1 = lo[order[j]], hi[order[j]]
-        middle = e0 + np.searchsorted(holder_length[e0:e1], size)
+        # does not exceed the best distance
+        e0, e1 = lo[x0 + j], hi[x0 + j]
+        a, b = e0, e1
+        while a < b:
+            half = (a + b) // 2
+            if holder_length[half] < size:
+                a = half + 1
+            else:
+                b = half
         for way in range(2):
-            p = middle if way == 0 else middle - 1
+            p = a if way == 0 else a - 1
             while e0 <= p < e1 and abs(holder_length[p] - size) <= best:
                 y, length, mask = holders[p], holder_length[p], holder_mask[p]
                 p += 1 if way == 0 else -1
@@ -287,13 +301,14 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
             break
     if bits:
         for i in range(size):
-            c = np.searchsorted(chars, qf[x0 + i])
-            if c < len(chars):
-                peq[c] = 0
+            if qc[x0 + i] >= 0:
+                peq[qc[x0 + i]] = 0
     if done:
         return best_id
-    # every target holding a character of the query has been read; the others are at max(|x|, |y|):
-    # |x| for the lowest id at most as long as the query, else the length of the shortest longer one
+    # every target holding one of the query's elements has been read or is out of reach (a target
+    # out of reach is farther than max(|x|, |y|), so it cannot pass for one below). The others are
+    # at max(|x|, |y|): |x| for the lowest id at most as long as the query, else the length of the
+    # shortest longer one
     for length in range(1, len(length_start) - 1):
         if max(length, size) > best:
             break
@@ -306,51 +321,16 @@ def _nearest_one(qf, x0, x1, qmask, tf, ty, tp, tmask, by_length, length_start, 
     return best_id
 
 
-@njit(parallel=True, cache=True)
-def _nearest_all(qf, qp, qmask, tf, ty, tp, tmask, by_length, length_start, longest, chars, first, most, start,
-                 holders, holder_length, holder_mask, chunks):
-    nq = len(qp) - 1
-    out = np.full(nq, -1, np.int32)
-    per = (nq + chunks - 1) // chunks
-    for part in prange(chunks):
-        seen = np.zeros(len(tp) - 1, np.int32)
-        peq = np.zeros(len(chars), np.uint64)
-        row = np.empty(longest + 2, np.int64)
-        for qi in range(part * per, min(nq, (part + 1) * per)):
-            out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qmask[qi], tf, ty, tp, tmask, by_length, length_start,
-                                   chars, first, most, start, holders, holder_length, holder_mask, seen, qi + 1, peq, row)
-    return out
-
-
-class StringIndex:
-    """A target vocabulary's strings prepared for the nearest-string search (built once per
-    vocabulary: soft_map keeps it on the target's view)."""
-
-    def __init__(self, targets: list[str]):
-        self.tf, self.tp = codepoints(targets)
-        lengths = np.diff(self.tp)
-        usable = np.flatnonzero(lengths > 0)  # empty target strings never win
-        self.by_length = usable[np.lexsort((usable, lengths[usable]))].astype(np.int64)
-        self.length_start = np.searchsorted(lengths[self.by_length], np.arange(lengths.max(initial=0) + 2))
-        self.longest = int(lengths.max(initial=0))
-        self.mask = _char_masks(self.tf, self.tp)
-        self.chars = np.unique(self.tf)
-        self.ty = np.searchsorted(self.chars, self.tf).astype(np.int32)
-        self.first, self.most, self.start, self.holders, self.holder_length = _element_postings(
-            self.tf, self.tp, self.chars, self.by_length)
-        self.holder_mask = self.mask[self.holders]
-
-    def nearest(self, queries: list[str]) -> np.ndarray:
-        """For each query: the index of the first target (in list order) at minimum Levenshtein
-        distance."""
-        from numba import get_num_threads
-
-        qf, qp = codepoints(queries)
-        longest = int(max(self.longest, np.diff(qp).max(initial=0)))
-        return _nearest_all(qf, qp, _char_masks(qf, qp), self.tf, self.ty, self.tp, self.mask, self.by_length,
-                            self.length_start.astype(np.int64), longest, self.chars, self.first, self.most,
-                            self.start, self.holders, self.holder_length,
-                            self.holder_mask, max(1, get_num_threads() * 8))
+@njit(cache=True, nogil=True)
+def _nearest_range(q0, q1, qf, qp, qc, qmask, lo, hi, tf, ty, tp, by_length, length_start, holders, holder_length,
+                   holder_mask, n_chars, longest, out):
+    """_nearest_one for queries q0 .. q1 - 1, into out."""
+    seen = np.zeros(len(tp) - 1, np.int32)
+    peq = np.zeros(n_chars, np.uint64)
+    row = np.empty(longest + 2, np.int64)
+    for qi in range(q0, q1):
+        out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qc, qmask[qi], lo, hi, tf, ty, tp, by_length, length_start,
+                               holders, holder_length, holder_mask, seen, qi + 1, peq, row)
 
 
 def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
