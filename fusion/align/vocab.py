@@ -7,14 +7,12 @@ Modes:
   target token whose string is nearest by Levenshtein distance over code points, the lowest id
   winning ties (the original scans the target vocabulary in id order and keeps the first minimum).
   The original computes all |V_s| x |V_t| distances (827 s on 2 processes for 50k x 32k); we find
-  the same token by branch and bound, in compiled parallel code, one of two ways per query.
-  Where few targets share its characters (a byte-level spelling of Cyrillic or CJK against a
-  SentencePiece vocabulary, the bulk of a 151k vocabulary's misses): a target sharing none is
-  at distance max(|x|, |y|) exactly, one sharing s characters (as a multiset) at least
-  max(|x|, |y|) - s, so only the sharing ones are compared, in order of that bound. Otherwise:
-  targets in order of growing length difference, skipping every target whose lower bound
-  (length difference; characters present on one side only, through a 64-bit character mask)
-  already exceeds the best distance found.
+  the same token exactly, without comparing most pairs: a target within distance d of the query
+  holds all but at most d of the query's characters (as a multiset), so it holds one of any d + 1
+  of them; the search reads the targets holding the query's rarest characters, near its length
+  first, bounds each by length and shared characters, computes the distance (bit-parallel) only
+  where the bound does not already rule it out, and stops once the characters read outnumber the
+  best distance found (details above StringIndex).
 - "default": by the bytes tokens stand for (tokens.py). A target token with the same bytes, else
   the longest target token whose bytes are a PREFIX of the source token's: the distance here is
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
@@ -180,7 +178,8 @@ class StringIndex:
                 self.by_length, self.length_start, self.holders, self.holder_length, self.holder_mask, len(self.chars),
                 int(max(self.longest, sizes.max(initial=0))), out)
         step = 2000
-        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(cores) as pool:
             list(pool.map(lambda a: _nearest_range(a, min(a + step, len(queries)), *args), range(0, len(queries), step)))
         return out
 
