@@ -135,8 +135,8 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(result["table"])
-    print(f"load average {result['load_average_start']:.1f} -> {result['load_average_end']:.1f} on {os.cpu_count()} cores;"
-          f" written to {args.out}")
+    print(f"load average {result['load_average_start']:.1f} -> {result['load_average_end']:.1f}"
+          f" on {os.cpu_count()} cores; written to {args.out}")
 
 
 if __name__ == "__main__":

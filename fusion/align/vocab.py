@@ -111,7 +111,8 @@ def hard_map(source: TokenView, target: TokenView) -> np.ndarray:
 
 def _char_masks(flat: np.ndarray, ptr: np.ndarray) -> np.ndarray:
     """Per string: a 64-bit set of (hashed) characters it contains."""
-    bits = np.left_shift(np.uint64(1), (flat.astype(np.uint64) * np.uint64(2654435761) >> np.uint64(13)) & np.uint64(63))
+    bit = (flat.astype(np.uint64) * np.uint64(2654435761) >> np.uint64(13)) & np.uint64(63)
+    bits = np.left_shift(np.uint64(1), bit)
     masks = np.zeros(len(ptr) - 1, np.uint64)
     np.bitwise_or.at(masks, np.repeat(np.arange(len(ptr) - 1), np.diff(ptr)), bits)
     return masks
@@ -180,7 +181,8 @@ class StringIndex:
         step = 2000
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         with ThreadPoolExecutor(cores) as pool:
-            list(pool.map(lambda a: _nearest_range(a, min(a + step, len(queries)), *args), range(0, len(queries), step)))
+            list(pool.map(lambda q0: _nearest_range(q0, min(q0 + step, len(queries)), *args),
+                          range(0, len(queries), step)))
         return out
 
 
