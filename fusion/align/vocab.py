@@ -7,14 +7,12 @@ Modes:
   target token whose string is nearest by Levenshtein distance over code points, the lowest id
   winning ties (the original scans the target vocabulary in id order and keeps the first minimum).
   The original computes all |V_s| x |V_t| distances (827 s on 2 processes for 50k x 32k); we find
-  the same token by branch and bound, in compiled parallel code, one of two ways per query.
-  Where few targets share its characters (a byte-level spelling of Cyrillic or CJK against a
-  SentencePiece vocabulary, the bulk of a 151k vocabulary's misses): a target sharing none is
-  at distance max(|x|, |y|) exactly, one sharing s characters (as a multiset) at least
-  max(|x|, |y|) - s, so only the sharing ones are compared, in order of that bound. Otherwise:
-  targets in order of growing length difference, skipping every target whose lower bound
-  (length difference; characters present on one side only, through a 64-bit character mask)
-  already exceeds the best distance found.
+  the same token exactly, without comparing most pairs: a target within distance d of the query
+  holds all but at most d of the query's characters (as a multiset), so it holds one of any d + 1
+  of them; the search reads the targets holding the query's rarest characters, near its length
+  first, bounds each by length and shared characters, computes the distance (bit-parallel) only
+  where the bound does not already rule it out, and stops once the characters read outnumber the
+  best distance found (details above StringIndex).
 - "default": by the bytes tokens stand for (tokens.py). A target token with the same bytes, else
   the longest target token whose bytes are a PREFIX of the source token's: the distance here is
   the number of trailing source bytes the target token leaves to later tokens, and only prefixes
@@ -46,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .tokens import TokenView, codepoints
 
@@ -101,7 +99,94 @@ def hard_map(source: TokenView, target: TokenView) -> np.ndarray:
     return np.array([vocab.get(s, -1) if s else -1 for s in spelled_as_target(source, target)], dtype=np.int32)
 
 
-@njit(cache=True)
+# reference-soft's nearest-string search. A query x is compared with the target strings y as
+# multisets of characters: x's "elements" are (c, k) for each character c and k = 1 .. count of c
+# in x, and y holds (c, k) if it has c at least k times. If y holds s of x's elements,
+# lev(x, y) >= max(|x|, |y|) - s (the bag distance), so lev(x, y) <= j implies that y holds at
+# least |x| - j of them: at least one of ANY j + 1 of them. The search reads the targets holding
+# x's elements, rarest element first, computing distances bounded by the best so far, and stops
+# once the elements read outnumber the best distance: every target that could still tie or win
+# has been read. Targets holding none of x's elements are at distance max(|x|, |y|) exactly.
+# Index and queries are prepared with numpy; the compiled part is plain loops (quick to compile).
+
+def _char_masks(flat: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """Per string: a 64-bit set of (hashed) characters it contains."""
+    bit = (flat.astype(np.uint64) * np.uint64(2654435761) >> np.uint64(13)) & np.uint64(63)
+    bits = np.left_shift(np.uint64(1), bit)
+    masks = np.zeros(len(ptr) - 1, np.uint64)
+    np.bitwise_or.at(masks, np.repeat(np.arange(len(ptr) - 1), np.diff(ptr)), bits)
+    return masks
+
+
+def _occurrence(owner: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per position: how many earlier positions of the same owner hold the same value."""
+    order = np.lexsort((values, owner))
+    o, v = owner[order], values[order]
+    run = np.flatnonzero(np.r_[True, (o[1:] != o[:-1]) | (v[1:] != v[:-1])])
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - np.repeat(run, np.diff(np.r_[run, len(order)]))
+    return rank
+
+
+class StringIndex:
+    """A target vocabulary's strings prepared for the nearest-string search (built once per
+    vocabulary: soft_map keeps it on the target's view).
+
+    Element e = first[c] + k - 1 stands for (chars[c], k), k <= the most times any target has that
+    character; holders[start[e]:start[e + 1]] are the targets holding it, in order of (length, id),
+    with their lengths and character masks beside them."""
+
+    def __init__(self, targets: list[str]):
+        self.tf, self.tp = codepoints(targets)
+        lengths = np.diff(self.tp)
+        usable = np.flatnonzero(lengths > 0)  # empty target strings never win
+        self.by_length = usable[np.lexsort((usable, lengths[usable]))]
+        self.length_start = np.searchsorted(lengths[self.by_length], np.arange(lengths.max(initial=0) + 2))
+        self.longest = int(lengths.max(initial=0))
+        self.chars, ty = np.unique(self.tf, return_inverse=True)
+        self.ty = ty.astype(np.int32)  # the target characters as indices into chars
+        owner = np.repeat(np.arange(len(targets)), lengths)
+        rank = _occurrence(owner, self.ty)
+        self.most = np.zeros(len(self.chars), np.int64)
+        np.maximum.at(self.most, self.ty, rank + 1)
+        self.first = np.r_[0, np.cumsum(self.most)]
+        element = self.first[self.ty] + rank
+        order = np.lexsort((owner, lengths[owner], element))
+        self.start = np.searchsorted(element[order], np.arange(self.first[-1] + 1))
+        self.holders = owner[order].astype(np.int32)
+        self.holder_length = lengths[self.holders].astype(np.int32)
+        self.holder_mask = _char_masks(self.tf, self.tp)[self.holders]
+
+    def nearest(self, queries: list[str]) -> np.ndarray:
+        """For each query: the index of the first target (in list order) at minimum Levenshtein
+        distance."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        qf, qp = codepoints(queries)
+        sizes = np.diff(qp)
+        owner = np.repeat(np.arange(len(queries)), sizes)
+        c = np.minimum(np.searchsorted(self.chars, qf), max(len(self.chars) - 1, 0))
+        known = (self.chars[c] == qf) if len(self.chars) else np.zeros(len(qf), bool)
+        rank = _occurrence(owner, qf)
+        held = known.copy()
+        held[known] = rank[known] < self.most[c[known]]
+        element = self.first[c[held]] + rank[held]
+        lo, hi = np.zeros(len(qf), np.int64), np.zeros(len(qf), np.int64)  # elements no target holds: none
+        lo[held], hi[held] = self.start[element], self.start[element + 1]
+        rarest = np.lexsort((hi - lo, owner))  # each query's elements stay in its own range
+        out = np.full(len(queries), -1, np.int32)
+        args = (qf, qp, np.where(known, c, -1), _char_masks(qf, qp), lo[rarest], hi[rarest], self.tf, self.ty, self.tp,
+                self.by_length, self.length_start, self.holders, self.holder_length, self.holder_mask, len(self.chars),
+                int(max(self.longest, sizes.max(initial=0))), out)
+        step = 2000
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(cores) as pool:
+            list(pool.map(lambda q0: _nearest_range(q0, min(q0 + step, len(queries)), *args),
+                          range(0, len(queries), step)))
+        return out
+
+
+@njit(cache=True, nogil=True)
 def _popcount(x):
     x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
     x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -109,21 +194,7 @@ def _popcount(x):
     return np.int64((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-@njit(cache=True)
-def _char_masks(flat, ptr):
-    """Per string: a 64-bit set of (hashed) characters it contains."""
-    n = len(ptr) - 1
-    masks = np.zeros(n, np.uint64)
-    for s in range(n):
-        mask = np.uint64(0)
-        for q in range(ptr[s], ptr[s + 1]):
-            bit = ((np.uint64(flat[q]) * np.uint64(2654435761)) >> np.uint64(13)) & np.uint64(63)
-            mask |= np.uint64(1) << bit
-        masks[s] = mask
-    return masks
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     """Levenshtein distance of x[x0:x1] and y[y0:y1] if it is <= bound, else some value > bound."""
     n = x1 - x0
@@ -150,192 +221,130 @@ def _bounded_distance(x, x0, x1, y, y0, y1, bound, row):
     return row[m]
 
 
-@njit(cache=True)
-def _nearest_one(qf, x0, x1, qmask, tf, tp, tmask, by_length, length_start, row):
-    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], scanning targets in
-    order of growing length difference and skipping those whose lower bound (length difference;
-    characters present on one side only, through the 64-bit masks) already exceeds the best.
+@njit(cache=True, nogil=True)
+def _bit_distance(peq, size, ty, y0, y1, bound):
+    """Levenshtein distance of a query of `size` <= 64 characters and the target characters
+    ty[y0:y1] if it is <= bound, else some value > bound: Myers' bit-parallel algorithm (one
+    machine word per target character, in Hyyrö's form for whole strings). peq[c]: the query
+    positions holding character c, as bits."""
+    one = np.uint64(1)
+    high = one << np.uint64(size - 1)
+    pv = ~np.uint64(0)
+    mv = np.uint64(0)
+    score = size
+    for q in range(y0, y1):
+        eq = peq[ty[q]]
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)
+        mh = pv & xh
+        if ph & high:
+            score += 1
+        elif mh & high:
+            score -= 1
+        if score - (y1 - q - 1) > bound:  # even matching every remaining character would not do
+            return bound + 1
+        ph = (ph << one) | one
+        mh = mh << one
+        pv = mh | ~(xv | ph)
+        mv = ph & xv
+    return score
 
-    by_length: target ids sorted by (length, id); length_start[L]: where length L begins."""
-    max_len = len(length_start) - 2
+
+@njit(cache=True, nogil=True)
+def _nearest_one(qf, x0, x1, qc, qmask, lo, hi, tf, ty, tp, by_length, length_start, holders, holder_length,
+                 holder_mask, seen, mark, peq, row):
+    """The lowest target id at minimum Levenshtein distance from qf[x0:x1]. qc: its characters as
+    indices into the index's chars (-1: none has it); lo[x0 + j]:hi[x0 + j]: the holders of its
+    j-th rarest element; seen[y] == mark: y's distance is known; peq: zeros (left as found)."""
     size = x1 - x0
+    bits = size <= 64
+    if bits:
+        for i in range(size):
+            if qc[x0 + i] >= 0:
+                peq[qc[x0 + i]] |= np.uint64(1) << np.uint64(i)
     best = np.int64(1) << 40
     best_id = np.int64(1) << 40
-    for delta in range(max_len + size + 1):
-        if delta > best:
-            break
-        for side in range(2):
-            if side == 1 and delta == 0:
-                continue
-            length = size + delta if side == 0 else size - delta
-            if length < 0 or length > max_len:
-                continue
-            for r in range(length_start[length], length_start[length + 1]):
-                y = by_length[r]
-                bound = delta
-                only_left = _popcount(qmask & ~tmask[y])
-                only_right = _popcount(tmask[y] & ~qmask)
-                if only_left > bound:
-                    bound = only_left
-                if only_right > bound:
-                    bound = only_right
-                if bound > best or (bound == best and y > best_id):
-                    continue
-                d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-                if d < best or (d == best and y < best_id):
-                    best = d
-                    best_id = y
-    return best_id
-
-
-@njit(cache=True)
-def _postings(tf, tp, chars):
-    """Per character (index into the sorted array `chars`): the targets holding it and how often,
-    as CSR (start, target, count)."""
-    n = len(tp) - 1
-    entries_char = np.empty(len(tf), np.int64)
-    entries_target = np.empty(len(tf), np.int32)
-    entries_count = np.empty(len(tf), np.int32)
-    e = 0
-    for y in range(n):
-        own = np.sort(np.searchsorted(chars, tf[tp[y]:tp[y + 1]]))
-        q = 0
-        while q < len(own):
-            r = q
-            while r < len(own) and own[r] == own[q]:
-                r += 1
-            entries_char[e] = own[q]
-            entries_target[e] = y
-            entries_count[e] = r - q
-            e += 1
-            q = r
-    order = np.argsort(entries_char[:e], kind="mergesort")  # stable: targets ascending per character
-    start = np.zeros(len(chars) + 1, np.int64)
-    for q in range(e):
-        start[entries_char[q] + 1] += 1
-    for c in range(len(chars)):
-        start[c + 1] += start[c]
-    return start, entries_target[:e][order], entries_count[:e][order]
-
-
-@njit(cache=True)
-def _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start, target, count,
-                       shared, stamp, mark, row):
-    """The lowest target id at minimum Levenshtein distance from qf[x0:x1], for a query whose
-    characters few targets hold. A target sharing no character with the query is at distance
-    max(|x|, |y|) exactly; one sharing `s` (multiset count) is at least max(|x|, |y|) - s away.
-    So: the best target sharing nothing, then the sharing ones in order of that bound."""
-    size = x1 - x0
-    own = np.sort(qf[x0:x1])
-    touched = []
-    q = 0
-    while q < size:
-        r = q
-        while r < size and own[r] == own[q]:
-            r += 1
-        c = np.searchsorted(chars, own[q])
-        if c < len(chars) and chars[c] == own[q]:
-            for e in range(start[c], start[c + 1]):
-                y = target[e]
-                if stamp[y] != mark:
-                    stamp[y] = mark
-                    shared[y] = 0
-                    touched.append(y)
-                shared[y] += min(r - q, count[e])
-        q = r
-    best = np.int64(1) << 40
-    best_id = np.int64(1) << 40
-    for y in by_id:  # sharing nothing, at most as long as the query: distance |x|, lowest id first
-        if tp[y + 1] - tp[y] > size:
-            continue
-        if stamp[y] != mark:
-            best, best_id = size, y
-            break
-    if best_id == np.int64(1) << 40:  # else the shortest longer one sharing nothing
-        for length in range(size + 1, len(length_start) - 1):
-            for r in range(length_start[length], length_start[length + 1]):
-                y = by_length[r]
-                if stamp[y] != mark:
-                    best, best_id = length, y
-                    break
-            if best_id != np.int64(1) << 40:
-                break
-    # the sharing targets by bound (a counting sort: bounds are small), each bucket in any order
-    top = 0
-    for y in touched:
-        top = max(top, max(size, tp[y + 1] - tp[y]) - shared[y])
-    fill = np.zeros(top + 2, np.int64)
-    for y in touched:
-        fill[max(size, tp[y + 1] - tp[y]) - shared[y] + 1] += 1
-    for b in range(top + 1):
-        fill[b + 1] += fill[b]
-    bucket_start = fill.copy()
-    ordered = np.empty(len(touched), np.int64)
-    for y in touched:
-        b = max(size, tp[y + 1] - tp[y]) - shared[y]
-        ordered[fill[b]] = y
-        fill[b] += 1
-    for b in range(top + 1):
-        if b > best:
-            break
-        for r in range(bucket_start[b], bucket_start[b + 1]):
-            y = ordered[r]
-            if b == best and y > best_id:
-                continue
-            d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
-            if d < best or (d == best and y < best_id):
-                best, best_id = d, y
-    return best_id
-
-
-@njit(parallel=True, cache=True)
-def _nearest_all(qf, qp, qmask, tf, tp, tmask, by_id, by_length, length_start, longest, chars, start, target,
-                 count, chunks, shared_search):
-    """The nearest target for every query, each by the search likely cheaper for it: through the
-    targets that share its characters where those are not many more than the targets
-    (_nearest_by_shared), else by length (_nearest_one; for all queries without shared_search)."""
-    nq = len(qp) - 1
-    out = np.full(nq, -1, np.int32)
-    n_targets = len(tp) - 1
-    per = (nq + chunks - 1) // chunks
-    for part in prange(chunks):
-        shared = np.zeros(n_targets, np.int64)
-        stamp = np.zeros(n_targets, np.int64)
-        row = np.empty(longest + 2, np.int64)
-        for qi in range(part * per, min(nq, (part + 1) * per)):
-            x0, x1 = qp[qi], qp[qi + 1]
-            work = 0
-            for q in range(x0, x1):
-                c = np.searchsorted(chars, qf[q])
-                if c < len(chars) and chars[c] == qf[q]:
-                    work += start[c + 1] - start[c]
-            if shared_search and work < 2 * n_targets:
-                out[qi] = _nearest_by_shared(qf, x0, x1, tf, tp, by_id, by_length, length_start, chars, start,
-                                             target, count, shared, stamp, qi + 1, row)
+    done = False
+    for j in range(size):
+        # the element's holders from the query's length outward, while the length difference alone
+        # does not exceed the best distance
+        e0, e1 = lo[x0 + j], hi[x0 + j]
+        a, b = e0, e1
+        while a < b:
+            half = (a + b) // 2
+            if holder_length[half] < size:
+                a = half + 1
             else:
-                out[qi] = _nearest_one(qf, x0, x1, qmask[qi], tf, tp, tmask, by_length, length_start, row)
-    return out
+                b = half
+        for way in range(2):
+            p = a if way == 0 else a - 1
+            while e0 <= p < e1 and abs(holder_length[p] - size) <= best:
+                y, length, mask = holders[p], holder_length[p], holder_mask[p]
+                p += 1 if way == 0 else -1
+                # lower bounds: the length difference; characters on one side only (64-bit masks);
+                # and, if y holds none of the j elements read before, a bag distance at least j
+                # more than its excess length (if it holds one, it was read then: either its
+                # distance is known, or a bound put it out of reach for good)
+                bound = max(abs(length - size), j + max(length - size, 0), _popcount(qmask & ~mask),
+                            _popcount(mask & ~qmask))
+                if bound > best or (bound == best and y > best_id) or seen[y] == mark:
+                    continue
+                seen[y] = mark
+                if bits:
+                    d = _bit_distance(peq, size, ty, tp[y], tp[y + 1], best)
+                else:
+                    d = _bounded_distance(qf, x0, x1, tf, tp[y], tp[y + 1], best, row)
+                if d < best or (d == best and y < best_id):
+                    best, best_id = d, y
+        if best <= j:  # j + 1 elements read: every target at distance <= j has been
+            done = True
+            break
+    if bits:
+        for i in range(size):
+            if qc[x0 + i] >= 0:
+                peq[qc[x0 + i]] = 0
+    if done:
+        return best_id
+    # every target holding one of the query's elements has been read or is out of reach (a target
+    # out of reach is farther than max(|x|, |y|), so it cannot pass for one below). The others are
+    # at max(|x|, |y|): |x| for the lowest id at most as long as the query, else the length of the
+    # shortest longer one
+    for length in range(1, len(length_start) - 1):
+        if max(length, size) > best:
+            break
+        for r in range(length_start[length], length_start[length + 1]):
+            y = by_length[r]
+            if seen[y] != mark:
+                if max(length, size) < best or y < best_id:
+                    best, best_id = max(length, size), y
+                break
+    return best_id
 
 
-def nearest_strings(queries: list[str], targets: list[str], shared_search: bool = True) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _nearest_range(q0, q1, qf, qp, qc, qmask, lo, hi, tf, ty, tp, by_length, length_start, holders, holder_length,
+                   holder_mask, n_chars, longest, out):
+    """_nearest_one for queries q0 .. q1 - 1, into out."""
+    seen = np.zeros(len(tp) - 1, np.int32)
+    peq = np.zeros(n_chars, np.uint64)
+    row = np.empty(longest + 2, np.int64)
+    for qi in range(q0, q1):
+        out[qi] = _nearest_one(qf, qp[qi], qp[qi + 1], qc, qmask[qi], lo, hi, tf, ty, tp, by_length, length_start,
+                               holders, holder_length, holder_mask, seen, qi + 1, peq, row)
+
+
+def nearest_strings(queries: list[str], targets: list[str]) -> np.ndarray:
     """For each query: the index of the first target (in list order) at minimum Levenshtein
-    distance; empty target strings never win. shared_search=False: every query by length alone
-    (the slower search this one replaced; the same answers)."""
-    qf, qp = codepoints(queries)
-    tf, tp = codepoints(targets)
-    lengths = np.diff(tp)
-    usable = np.flatnonzero(lengths > 0)
-    by_length = usable[np.lexsort((usable, lengths[usable]))].astype(np.int64)
-    max_len = int(lengths.max(initial=0))
-    length_start = np.searchsorted(lengths[by_length], np.arange(max_len + 2)).astype(np.int64)
-    longest = int(max(max_len, np.diff(qp).max(initial=0)))
-    chars = np.unique(tf)
-    start, target, count = _postings(tf, tp, chars)
-    from numba import get_num_threads
+    distance; empty target strings never win."""
+    return StringIndex(targets).nearest(queries)
 
-    return _nearest_all(qf, qp, _char_masks(qf, qp), tf, tp, _char_masks(tf, tp), usable.astype(np.int64), by_length,
-                        length_start, longest, chars, start, target, count, max(1, get_num_threads() * 8),
-                        shared_search)
+
+def string_index(target: TokenView) -> StringIndex:
+    index = target.__dict__.get("_string_index")
+    if index is None:
+        index = target.__dict__["_string_index"] = StringIndex(target.strings)
+    return index
 
 
 def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
@@ -344,7 +353,7 @@ def soft_map(source: TokenView, target: TokenView) -> np.ndarray:
     out = np.array([vocab.get(s, -1) for s in spelled], dtype=np.int32)
     todo = [i for i, s in enumerate(spelled) if out[i] < 0 and s]
     if todo:
-        nearest = nearest_strings([spelled[i] for i in todo], target.strings)
+        nearest = string_index(target).nearest([spelled[i] for i in todo])
         out[todo] = target.canonical[nearest]
     return out
 

@@ -1,9 +1,11 @@
 """vocab: for each source, a table from source token ids to target token ids (-1: none).
 
-How tokens are matched depends on align.mode (fusion/align/vocab.py): the target token with the
-same bytes, else the longest target token whose bytes begin the source token's (default), or the
-FuseLLM code's string mapping (reference-soft: nearest by edit distance of the token strings;
-reference-hard: the same string only).
+How tokens are matched depends on align.mode (fusion/align/vocab.py):
+- default: the target token with the same bytes, else the longest target token whose bytes are a
+  prefix of the source token's (never a look-alike by edit distance);
+- reference-soft: the FuseLLM code's rule, the target token with the same string, else the one
+  nearest by edit distance of the token strings (ties to the lowest id);
+- reference-hard: the same string only.
 """
 
 from __future__ import annotations
