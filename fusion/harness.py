@@ -30,10 +30,15 @@ KEYS = {"tasks": "eval.lm_eval.tasks", "include_path": "eval.lm_eval.include_pat
 
 
 def require(who: str = KEYS["tasks"]) -> None:
+    """lm-eval and what its Hugging Face backend imports (accelerate, peft: the `hf` extra)."""
     try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise FusionError(f"{who}: the lm-eval package is not installed ({INSTALL})") from None
+        import lm_eval.models.huggingface  # noqa: F401
+    except ImportError as e:
+        if (e.name or "lm_eval").startswith("lm_eval"):
+            missing = "the lm-eval package"
+        else:
+            missing = f"{e.name}, which lm-eval's Hugging Face backend imports,"
+        raise FusionError(f"{who}: {missing} is not installed ({INSTALL})") from None
 
 
 def version() -> str:
@@ -177,8 +182,11 @@ def format_table(results: list[dict]) -> list[str]:
     header = ["task", "items", "metric", *(r["model"] for r in results)]
     table = [[task, about(task), metric, *(cell(r, task, metric) for r in results)] for task, metric in rows]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
-    line = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return [line(header).rstrip(), *(line(row).rstrip() for row in table)]
+
+    def line(row):  # the labels left-aligned, the scores right-aligned
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [line(header), *(line(row) for row in table)]
 
 
 def add_cli(sub) -> None:

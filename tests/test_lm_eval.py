@@ -52,7 +52,7 @@ def write_task(folder: Path) -> Path:
         "doc_to_text": "{{context}}",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{answer}}",
-        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
     }))
     return folder
 
@@ -61,7 +61,8 @@ def write_task(folder: Path) -> Path:
 def scored(micro, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm-eval")
     tasks = write_task(tmp / "tasks")
-    spec = micro.spec(tmp / "store", **{"eval.lm_eval": {"tasks": [TASK], "include_path": str(tasks), "batch_size": 4}})
+    lm_eval = {"tasks": [TASK], "include_path": str(tasks), "batch_size": 4}
+    spec = micro.spec(tmp / "store", **{"eval.lm_eval": lm_eval, "corpus.max_documents": 6, "eval.max_blocks": 8})
     run = open_run(parse_spec(spec))
     run_all(run)
     return run, tasks
