@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="a finished run's report: bits per byte per model and domain, and its files")
     p.add_argument("store", metavar="STORE", help="run store URL (s3:// endpoint and credentials from the AWS environment)")
-    p.add_argument("--json", action="store_true", help="print report.json as stored")
+    p.add_argument("--json", action="store_true", help="print report.json as stored (lm_eval.json under `lm_eval` where the run has it)")
 
     p = sub.add_parser("validate", help="check a run spec, its models and corpus, without running anything")
     p.add_argument("spec", metavar="SPEC")
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fusion import vote
 
     vote.add_cli(sub)
+    from fusion import harness
+
+    harness.add_cli(sub)
     return parser
 
 
@@ -380,6 +383,12 @@ def cmd_vote(args) -> int:
     return run_cli(args)
 
 
+def cmd_lm_eval(args) -> int:
+    from fusion.harness import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {
     "run": cmd_run,
     "stage": cmd_stage,
@@ -397,6 +406,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "moe": cmd_moe,
     "vote": cmd_vote,
+    "lm-eval": cmd_lm_eval,
 }
 
 if __name__ == "__main__":

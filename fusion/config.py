@@ -234,9 +234,39 @@ class TrainSpec(Strict):
         return out
 
 
+class LmEvalSpec(Strict):
+    """Downstream tasks of EleutherAI's lm-evaluation-harness (the `lm-eval` package, the `eval`
+    extra), scored on the same models as bits per byte (fusion/harness.py)."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names, e.g. [arc_easy, hellaswag] or [bbh]; none (the default): no "
+        "downstream evaluation, and lm-eval need not be installed.",
+    )
+    include_path: str | None = Field(
+        None, description="A folder of extra task YAMLs (e.g. local tasks whose data are local files)."
+    )
+    limit: int | None = Field(None, ge=1, description="Score at most this many items of each task.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per item; default each task's own.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward batch.")
+    confirm_run_unsafe_code: bool = Field(
+        False, description="Allow tasks that execute model-written code (humaneval, mbpp); lm-eval refuses them otherwise."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_named_once(cls, v: list[str]) -> list[str]:
+        if any(not t.strip() for t in v):
+            raise ValueError("a task name is empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a task is named twice: {', '.join(sorted({t for t in v if v.count(t) > 1}))}")
+        return v
+
+
 class EvalSpec(Strict):
     max_blocks: int | None = Field(None, ge=1, description="Evaluate at most this many held-out blocks.")
     batch_tokens: int = Field(16384, ge=64)
+    lm_eval: LmEvalSpec = LmEvalSpec()
 
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -1,35 +1,52 @@
 """`fusion report STORE`: a run's evaluation report (eval/report) as a table in the terminal,
-with where report.json and report.png lie. The end of `fusion run` prints the same."""
+with where report.json and report.png lie; and, where the run has them (eval.lm_eval), the
+lm-evaluation-harness scores (eval/lm-eval) as a second table. The end of `fusion run` prints
+the same."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from fusion import shards
+from fusion import harness, shards
 from fusion.errors import FusionError
 from fusion.store import Store
 
-STAGE, PART = "eval", "report"  # the eval stage's one output (fusion/stages/evaluate.py)
-FILES = ("report.json", "report.png")
+STAGE = "eval"  # the eval stage's outputs (fusion/stages/evaluate.py): part -> its files
+FILES = {"report": ("report.json", "report.png"), "lm-eval": ("lm_eval.json",)}
 
 
 def report_uris(store: Store) -> dict[str, str]:
-    """File name -> URI of the report's files in the store."""
-    folder = shards.files_path(STAGE, PART, 0)
-    return {name: f"{store.uri(folder)}/{name}" for name in FILES}
+    """File name -> URI of the report's files in the store (lm_eval.json where it is committed)."""
+    uris = {}
+    for part, names in FILES.items():
+        if part == "report" or shards.read_record(store, STAGE, part, 0) is not None:
+            folder = shards.files_path(STAGE, part, 0)
+            uris.update({name: f"{store.uri(folder)}/{name}" for name in names})
+    return uris
+
+
+def read_committed_json(store: Store, part: str, name: str) -> dict | None:
+    """A committed JSON file of the eval stage, checked against its commit record; None before
+    the part commits."""
+    record = shards.read_record(store, STAGE, part, 0)
+    if record is None:
+        return None
+    rel = f"{shards.files_path(STAGE, part, 0)}/{name}"
+    blob = store.read_bytes(rel)
+    if blob is None or hashlib.sha256(blob).hexdigest()[:32] != record["files"].get(name):
+        raise FusionError(f"{store.uri(rel)}: missing or not the committed bytes (checksum differs from its record)")
+    return json.loads(blob)
 
 
 def read_report(store: Store) -> dict | None:
-    """The committed report.json, checked against its commit record; None before eval commits."""
-    record = shards.read_record(store, STAGE, PART, 0)
-    if record is None:
-        return None
-    rel = f"{shards.files_path(STAGE, PART, 0)}/report.json"
-    blob = store.read_bytes(rel)
-    if blob is None or hashlib.sha256(blob).hexdigest()[:32] != record["files"].get("report.json"):
-        raise FusionError(f"{store.uri(rel)}: missing or not the committed bytes (checksum differs from its record)")
-    return json.loads(blob)
+    """report.json, with lm_eval.json under "lm_eval" where the run has it; None before eval commits."""
+    report = read_committed_json(store, "report", "report.json")
+    if report is not None:
+        lm_eval = read_committed_json(store, "lm-eval", "lm_eval.json")
+        if lm_eval is not None:
+            report["lm_eval"] = lm_eval
+    return report
 
 
 def load(url: str) -> tuple[dict, dict[str, str]]:
@@ -83,5 +100,12 @@ def format_report(report: dict, uris: dict[str, str]) -> str:
     if coverage:
         shares = ", ".join(f"{name} {share:.1%}" if share is not None else f"{name} —" for name, share in coverage.items())
         lines.append(f"target rows with a source distribution: {shares}")
+    lm_eval = report.get("lm_eval")
+    if lm_eval:
+        settings = lm_eval["settings"]
+        limit = f", at most {settings['limit']} items per task" if settings["limit"] else ""
+        lines += ["", f"lm-evaluation-harness {lm_eval['lm_eval']}{limit} (value ± standard error):"]
+        lines += harness.format_table(lm_eval["results"])
+        lines.append("")
     lines += [f"{name:<12} {uri}" for name, uri in uris.items()]
     return "\n".join(lines)

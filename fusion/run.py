@@ -119,3 +119,7 @@ class Run:
         corpus = self.spec.corpus.path
         if not corpus.startswith("tiny:") and not Path(corpus).expanduser().exists():
             raise FusionError(f"corpus.path: {corpus} does not exist")
+        if self.spec.eval.lm_eval.tasks:
+            from fusion import harness
+
+            harness.check(self.spec.eval.lm_eval)

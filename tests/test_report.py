@@ -81,3 +81,31 @@ def test_the_terminal_report_is_a_table_with_the_files():
     assert "fused vs before: +0.1000 bits/byte (+5.0%)" in text
     assert "src-a 95.0%, src-b —" in text
     assert lines[-2:] == ["report.json  file:///r/report.json", "report.png   file:///r/report.png"]
+
+
+def test_lm_eval_scores_are_a_second_table_task_and_metric_by_model():
+    from fusion.harness import scores
+
+    report, _ = made_up()
+    out = {  # simple_evaluate's result, cut down: a group with a filtered metric, a task, "N/A" where lm-eval has no stderr
+        "results": {
+            "bbh": {"alias": "bbh", "exact_match,get-answer": 0.25, "exact_match_stderr,get-answer": "N/A"},
+            "arc_easy": {"alias": "arc_easy", "sample_len": 100, "acc,none": 0.5, "acc_stderr,none": 0.05},
+        },
+        "n-samples": {"arc_easy": {"original": 2376, "effective": 100}},
+        "n-shot": {"arc_easy": 0},
+    }
+    parsed = scores(out)
+    assert parsed["tasks"] == {
+        "bbh": {"exact_match,get-answer": {"value": 0.25, "stderr": None}},
+        "arc_easy": {"acc": {"value": 0.5, "stderr": 0.05}},
+    }
+    report["lm_eval"] = {
+        "lm_eval": "0.4.13", "settings": {"limit": 100},
+        "results": [{"model": "target (before)", **parsed}, {"model": "target (fused)", **parsed, "tasks": {"arc_easy": parsed["tasks"]["arc_easy"]}}],
+    }
+    lines = format_report(report, {"report.json": "file:///r/report.json"}).splitlines()
+    title = lines.index("lm-evaluation-harness 0.4.13, at most 100 items per task (value ± standard error):")
+    assert lines[title + 1].split() == ["task", "items", "metric", "target", "(before)", "target", "(fused)"]
+    assert lines[title + 2].split() == ["bbh", "exact_match,get-answer", "0.2500", "—"]
+    assert lines[title + 3].split() == ["arc_easy", "100", "items,", "0-shot", "acc", "0.5000", "±", "0.0500", "0.5000", "±", "0.0500"]

@@ -1,5 +1,8 @@
 """eval: bits per byte on held-out text, for the target before and after fusion and for every
-source; a report (report.json, report.png) committed as `eval/report`.
+source; a report (report.json, report.png) committed as `eval/report`. With eval.lm_eval.tasks,
+also lm-evaluation-harness scores of the same models (lm_eval.json, fusion/harness.py),
+committed as `eval/lm-eval`: a part of its own, so that neither is computed again when only
+the other's settings change.
 
 Bits per byte = total NLL of the text in bits / its UTF-8 bytes: it does not depend on the
 tokenizer, so models with different vocabularies compare fairly. Every block is scored from
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion import models, scoring, shards
+from fusion import harness, models, scoring, shards
 from fusion.config import ModelSpec
 from fusion.errors import FusionError
 from fusion.run import Run
@@ -23,23 +26,28 @@ from fusion.stages import align, split, train
 
 NAME = "eval"
 PART = "report"
+LM_EVAL = "lm-eval"
 
 
 def parts(run: Run) -> list[str]:
-    return [PART]
+    return [PART, LM_EVAL] if run.spec.eval.lm_eval.tasks else [PART]
 
 
 def inputs(run: Run, part: str) -> list[tuple[str, str]]:
+    if part == LM_EVAL:
+        return [("train", train.PART)]
     return [("split", "heldout"), ("train", train.PART)]
 
 
 def fingerprint(run: Run, part: str) -> dict:
-    return {
-        "heldout": run.hash("split", "heldout"),
+    scored = {
         "trained": run.hash("train", train.PART),
         "models": [run.model_identity(m.name) for m in run.spec.models.all()],
-        "eval": run.spec.eval.model_dump(mode="json"),
     }
+    if part == LM_EVAL:
+        settings = run.spec.eval.lm_eval
+        return {**scored, "lm_eval": settings.model_dump(mode="json"), "task_files": harness.task_files_digest(settings.include_path)}
+    return {**scored, "heldout": run.hash("split", "heldout"), "eval": run.spec.eval.model_dump(mode="json", exclude={"lm_eval"})}
 
 
 def shard_count(run: Run, part: str) -> int:
@@ -73,16 +81,34 @@ def score(run: Run, spec: ModelSpec, folder: Path | None, texts: list[str], doma
     return {"model": label, "path": where or spec.path, "bits_per_byte": scoring.bits_per_byte(nll, texts), "domains": per_domain}
 
 
+def scored_models(run: Run, fused: Path) -> list[tuple[str, ModelSpec, Path | None, str | None]]:
+    """What the eval stage scores, in report order: (label, spec, folder if not the spec's own,
+    where the report says it lies if not at the spec's path)."""
+    where = shards.files_path(train.NAME, train.PART, 0)  # relative to the run store
+    return [
+        (f"{run.target.name} (before)", run.target, None, None),
+        (f"{run.target.name} (fused)", run.target, fused, where),
+        *((s.name, s, None, None) for s in run.sources),
+    ]
+
+
 def run_shard(run: Run, part: str, index: int) -> None:
+    if part == LM_EVAL:
+        run_lm_eval(run)
+    else:
+        run_report(run)
+
+
+def run_report(run: Run) -> None:
     texts, domains, names = heldout_blocks(run)
     if not texts:
         raise FusionError("eval: no held-out text (raise corpus.heldout_fraction or add documents)")
     with tempfile.TemporaryDirectory() as tmp:
         fused = train.model_folder(run, Path(tmp) / "model")
-        results = [score(run, run.target, None, texts, domains, names, f"{run.target.name} (before)")]
-        where = shards.files_path(train.NAME, train.PART, 0)  # relative to the run store
-        results.append(score(run, run.target, fused, texts, domains, names, f"{run.target.name} (fused)", where))
-        results += [score(run, s, None, texts, domains, names, s.name) for s in run.sources]
+        results = [
+            score(run, spec, folder, texts, domains, names, label, where)
+            for label, spec, folder, where in scored_models(run, fused)
+        ]
         log = json.loads((fused / "train_log.json").read_text())
         report = {
             "run": run.spec.name,
@@ -101,6 +127,28 @@ def run_shard(run: Run, part: str, index: int) -> None:
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         plot(report, log, out / "report.png")
         shards.write_files_shard(run.store, NAME, PART, 0, out, run.hash(NAME, PART))
+
+
+def run_lm_eval(run: Run) -> None:
+    """lm-eval's scores of every scored model, committed as lm_eval.json."""
+    settings = run.spec.eval.lm_eval
+    harness.check(settings)
+    device = models.pick_device(run.spec.logits.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        fused = train.model_folder(run, Path(tmp) / "model")
+        for i, (label, spec, folder, where) in enumerate(scored_models(run, fused)):
+            model = models.load_model(spec, device, path=folder)
+            tokenizer = run.tokenizers[spec.name]
+            tokenizer = harness.with_context_token(tokenizer, models.context_token_id(spec, tokenizer), Path(tmp) / f"tokenizer-{i}")
+            print(f"[fusion] eval: lm-eval {', '.join(settings.tasks)} on {label}", flush=True)
+            results.append({"model": label, "path": where or spec.path, **harness.evaluate(model, tokenizer, settings)})
+            del model  # one model in memory at a time
+        out = Path(tmp) / LM_EVAL
+        out.mkdir()
+        scores = {"run": run.spec.name, "lm_eval": harness.version(), "settings": settings.model_dump(mode="json"), "results": results}
+        (out / "lm_eval.json").write_text(json.dumps(scores, indent=1) + "\n")
+        shards.write_files_shard(run.store, NAME, LM_EVAL, 0, out, run.hash(NAME, LM_EVAL))
 
 
 def coverage(run: Run) -> dict:
