@@ -665,7 +665,7 @@ def records(values: dict[str, list[dict]], costs: dict[str, dict]) -> list[dict]
 
 
 def _cell(value, std, n: int, fmt: str) -> str:
-    return "" if value is None else (f"{value:{fmt}} ± {std:{fmt[1:]}}" if n > 1 else f"{value:{fmt}}")
+    return "" if value is None else (f"{value:{fmt}} ± {std:{fmt.lstrip('+')}}" if n > 1 else f"{value:{fmt}}")
 
 
 def table(recs: list[dict]) -> str:
