@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     for method, config in replicate.moe_configs(models, data, scale, out).items():
         rows[method] = Row([[*fusion, "moe", write_yaml(f"{method}.yaml", config), str(work / "models" / method)]],
                            product=work / "models" / method, per_token="attention 1, MLPs 2 of 3", replication=method)
-    spec = replicate.with_overrides(replicate.base_spec(scale, out, models), replicate.UPSTREAMS["upscale"])
+    spec = replicate.with_overrides(replicate.base_spec(scale, out, models),
+                                    replicate.upstream_overrides("upscale", scale))
     build = ("import sys; from fusion.config import load_spec; from fusion.models import model_dir; "
              "print(model_dir(load_spec(sys.argv[1]).models.target))")  # what every stage reading the target does
     rows["upscale-target"] = Row([[sys.executable, "-c", build, write_yaml("upscale-spec.yaml", spec)]],
