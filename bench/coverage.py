@@ -10,9 +10,10 @@ one of two kinds of teacher (--teacher):
 - synthetic: random logits (normal, scale 2.5) over the whole vocabulary, the real next token
   raised above every other in a share --hit of the rows (default 0.8, about what a good model's
   top-10 holds) and left where it falls in the others;
-- model: a real model per tokenizer. stories260K is the real pretrained one; every other
-  tokenizer gets the tiny Llama of bench/realtext.py (2 layers, width 128, 300 steps on the
-  first part of both corpora; built once and cached), a tiny source of its own.
+- model: real trained models as the sources: the tiny example's two sources (`tiny:src-llama`,
+  a SentencePiece Llama, and `tiny:src-neox`, a byte-level GPT-NeoX, both with 2,048-token
+  vocabularies trained on this Python's standard library; fusion/tiny.py) and stories260K (the
+  real pretrained 512-token Llama), each teaching every tokenizer of the list as the target.
 
 Columns: the default mode as the pipeline runs it (with continuation rows), the default mode
 from the top-k alone (logits.continuations: 0), and the reference modes (whose coverage does not
@@ -20,8 +21,6 @@ depend on the rows' ids; a reference row counts as covered only with a source di
 its one-hot fallback).
 
     python bench/coverage.py [--teacher synthetic|model] [--windows 12] [--chars 3000] > coverage.json
-    (the windows come from anywhere in each corpus; the model teachers were trained on the first
-    2,000,000 characters of the two shared corpora, so some windows are text they have seen)
     (table on stderr: one line per pair and corpus)
 """
 
@@ -66,10 +65,6 @@ def windows(corpus: str, count: int, chars: int, seed: int) -> list[str]:
     return [text[start : start + chars] for start in rng.integers(0, len(text) - chars, count)]
 
 
-def tokenizer_path(name: str) -> Path:
-    return SHARED / "assets" / ("model-stories260K-llama/hf" if name == "stories260K" else f"tok-{name}")
-
-
 # ---- teachers -------------------------------------------------------------------------------------
 def synthetic_capture(view, tokens: np.ndarray, hit: float, seed: int):
     """Top-k and continuation rows of random logits, the real token on top in a share `hit` of rows."""
@@ -91,6 +86,17 @@ def synthetic_capture(view, tokens: np.ndarray, hit: float, seed: int):
     return [torch.cat(p).numpy() for p in zip(*parts)]
 
 
+TINY_SOURCES = ["tiny:src-llama", "tiny:src-neox"]
+
+
+def tokenizer_path(name: str) -> Path:
+    if name.startswith("tiny:"):
+        from fusion import tiny
+
+        return tiny.model_path(name.removeprefix("tiny:"))
+    return SHARED / "assets" / ("model-stories260K-llama/hf" if name == "stories260K" else f"tok-{name}")
+
+
 def model_capture(name: str, view, tokenizer, blocks: list[list[int]]):
     """Top-k and continuation rows of a real model over the blocks (the logits stage's scorer)."""
     from transformers import AutoModelForCausalLM
@@ -98,15 +104,7 @@ def model_capture(name: str, view, tokenizer, blocks: list[list[int]]):
     from fusion.continuations import prefix_ranges
     from fusion.scoring import TopK, score_blocks
 
-    if name == "stories260K":
-        folder = tokenizer_path(name)
-    else:
-        sys.path.insert(0, str(REPO / "bench"))
-        import realtext
-
-        asset = f"tok-{name}"
-        folder = realtext.model_folder(next(m for m, (a, _) in realtext.MODELS.items() if a == asset))
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(tokenizer_path(name)).eval()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id  # as the logits stage
     results = score_blocks(TopK(model, K, "cpu", (prefix_ranges(view), M)), blocks, bos, 4096)
     return [np.concatenate([r[f] for r in results]) for f in (0, 1, 2, 4, 5, 6, 7)]
@@ -125,7 +123,9 @@ def main():
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    names, modes = args.names.split(","), args.modes.split(",")
+    targets, modes = args.names.split(","), args.modes.split(",")
+    sources = targets if args.teacher == "synthetic" else TINY_SOURCES + ["stories260K"]
+    names = list(dict.fromkeys(targets + sources))
     toks = {n: AutoTokenizer.from_pretrained(tokenizer_path(n)) for n in names}
     views = {n: token_view(toks[n], n) for n in names}
     print(f"{'target':>16}    {'source':<16} {'corpus':<12}" + "".join(f" {m:>18}" for m in modes), file=sys.stderr)
@@ -134,14 +134,14 @@ def main():
         texts = windows(corpus, args.windows, args.chars, seed=0)
         encoded = {n: [toks[n].encode(t, add_special_tokens=False) for t in texts] for n in names}
         captured = {}
-        for n in names:
+        for n in sources:
             flat = np.concatenate(encoded[n]).astype(np.int64)
             if args.teacher == "synthetic":
                 captured[n] = synthetic_capture(views[n], flat, args.hit, seed=names.index(n))
             else:
                 captured[n] = model_capture(n, views[n], toks[n], encoded[n])
-        for target in names:
-            for source in names:
+        for target in targets:
+            for source in sources:
                 if target == source:
                     continue
                 t = np.concatenate(encoded[target]).astype(np.int64)
