@@ -77,23 +77,27 @@ def measure(run: Run, stage: str, part: str) -> dict:
 
 
 def compare_methods(root: Path, corpus: Path, top_k: int) -> dict:
-    """Bytes per token of the logits stage with each method, on the same blocks, for
-    stories260K (a fully trained model with its own tokenizer; needs no model built here)."""
+    """Bytes per token of the logits stage with each method (and top-k without continuation
+    rows), on the same blocks, for stories260K (a fully trained model with its own tokenizer;
+    needs no model built here)."""
     report: dict = {"top_k": top_k, "model": "stories260K"}
     stories = {"path": str(realtext.ASSETS / "model-stories260K-llama" / "hf")}
-    for method in ("top-k", "sampled"):
+    for method, m in (("top-k", 4), ("sampled", 4), ("top-k", 0)):
+        key = method if m else f"{method}, no continuation rows"
         spec = {
             "name": "methods",
-            "store": str(root / method),
+            "store": str(root / f"{method}-{m}"),
             "models": {"target": {"name": "stories", **stories}, "sources": [{"name": "stories-source", **stories}]},
             "corpus": {"path": str(corpus), "domain_field": "domain", "heldout_fraction": 0.0},
             "split": {"block_tokens": 500, "shard_blocks": 64},
-            "logits": {"top_k": top_k, "method": method},
+            "logits": {"top_k": top_k, "method": method, "continuations": m},
         }
         run = open_run(parse_spec(spec))
         run_all(run, ["split", "logits"])
-        report[method] = measure(run, "logits", "stories")
+        report[key] = measure(run, "logits", "stories")
     report["sampled_over_top_k"] = round(report["sampled"]["bytes_per_token"] / report["top-k"]["bytes_per_token"], 4)
+    report["continuation_rows_over_none"] = round(
+        report["top-k"]["bytes_per_token"] / report["top-k, no continuation rows"]["bytes_per_token"], 4)
     return report
 
 
