@@ -22,7 +22,8 @@ every target.
 
 A byte-sorted order of the vocabulary makes it cheap: the tokens that begin with p are one
 contiguous range of it, found once per (token, depth) when the tables are built, so a row's
-masses are differences of one cumulative sum and its top-m is a top-m over a range.
+masses and its top-m are read from that range alone: short ranges through a gathered window,
+the few long ones (short prefixes such as " ") one slice per distinct range.
 """
 
 from __future__ import annotations
@@ -136,60 +137,71 @@ def continuation_rows(logits, targets, ranges: OnDevice, m: int):
     device = logits.device
     depths = ranges.depths[targets.long()]
     total = int(depths.sum())
+    width = min(m, len(ranges.order))
+    ids = torch.full((total, m), -1, dtype=torch.long, device=device)
+    logprobs = torch.zeros((total, m), dtype=torch.float64, device=device)
     if total == 0:
-        return (depths, torch.full((0, m), -1, dtype=torch.int32, device=device),
-                torch.zeros((0, m), dtype=torch.float16, device=device),
-                torch.zeros(0, dtype=torch.float16, device=device))
-    probs = torch.softmax(logits, dim=-1)
-    row = torch.repeat_interleave(torch.arange(len(depths), device=device), depths)
-    first = torch.cumsum(depths, 0) - depths  # each row's first continuation row
+        return depths, ids.int(), logprobs.half(), torch.zeros(0, dtype=torch.float16, device=device)
+    has = torch.nonzero(depths).squeeze(1)  # rows whose token has a boundary inside it
+    probs = torch.softmax(logits[has], dim=-1)
+    row = torch.repeat_interleave(torch.arange(len(has), device=device), depths[has])  # into probs
+    first = torch.cumsum(depths[has], 0) - depths[has]
     depth = torch.arange(total, device=device) - first[row]  # 0-based
-    token = targets.long()[row]
+    token = targets.long()[has][row]
     equal, lo, hi = ranges.equal[token, depth], ranges.longer[token, depth], ranges.end[token, depth]
 
-    in_order = probs[:, ranges.order]  # [rows, S]: probabilities in byte-sorted order
-    cumulative = torch.zeros((in_order.shape[0], in_order.shape[1] + 1), dtype=torch.float64, device=device)
-    cumulative[:, 1:] = torch.cumsum(in_order, dim=1, dtype=torch.float64)
-    longer_mass = cumulative[row, hi] - cumulative[row, lo]
-    equal_mass = cumulative[row, lo] - cumulative[row, equal]
-    # tokens spelling any prefix of p, the shorter ones included: a running sum within each row
-    running = torch.cumsum(equal_mass, 0)
-    before = (running - equal_mass)[first[row]]
-    possible = longer_mass + running - before
+    in_order = probs.index_select(1, ranges.order)  # [rows, S]: probabilities in byte-sorted order
+    size = in_order.shape[1]
+    flat = in_order.view(-1)
 
-    width = min(m, in_order.shape[1])
-    values = torch.full((total, width), -1.0, dtype=in_order.dtype, device=device)
+    def window(starts, ends, count):
+        """Values of in_order[row, starts + j] for j < count, -1 at or past ends (flat indices are
+        much faster than two-dimensional ones)."""
+        cols = starts[:, None] + torch.arange(count, device=device)
+        inside = cols < ends[:, None]
+        at = (row_of[:, None] * size + cols.clamp(max=size - 1)).view(-1)
+        return flat[at].view(cols.shape).masked_fill(~inside, -1.0), cols
+
+    # tokens spelling exactly the written bytes: a few at most per range, read directly
+    row_of = row
+    vals, _ = window(equal, lo, max(int((lo - equal).max()), 1))
+    equal_mass = vals.clamp_min(0.0).double().sum(1)
+    # tokens spelling any prefix of the written bytes, the shorter ones included: a running sum per row
+    running = torch.cumsum(equal_mass, 0)
+    prefix_mass = running - (running - equal_mass)[first[row]]
+
+    # tokens longer than the written bytes: their mass and their m most probable, range by range
+    values = torch.full((total, width), -1.0, dtype=probs.dtype, device=device)
     places = torch.zeros((total, width), dtype=torch.long, device=device)
-    small = (hi - lo) <= WINDOW
-    for chosen, window in ((small, True), (~small, False)):
-        which = torch.nonzero(chosen).squeeze(1)
-        if len(which) == 0:
-            continue
-        a, b, r = lo[which], hi[which], row[which]
-        if window:
-            cols = a[:, None] + torch.arange(WINDOW, device=device)
-            inside = cols < b[:, None]
-            vals = in_order[r[:, None], cols.clamp(max=in_order.shape[1] - 1)].masked_fill(~inside, -1.0)
-        else:
-            cols = torch.arange(in_order.shape[1], device=device).expand(len(which), -1)
-            inside = (cols >= a[:, None]) & (cols < b[:, None])
-            vals = in_order[r].masked_fill(~inside, -1.0)
-        top, pick = vals.topk(min(width, vals.shape[1]), dim=-1)
-        values[which, : top.shape[1]] = top
-        places[which, : top.shape[1]] = cols.gather(-1, pick)
-    ids = torch.where(values > 0, ranges.order[places], torch.full_like(places, -1))
+    longer_mass = torch.zeros(total, dtype=torch.float64, device=device)
+    small = torch.nonzero((hi - lo) <= WINDOW).squeeze(1)
+    if len(small):
+        row_of = row[small]
+        vals, cols = window(lo[small], hi[small], WINDOW)
+        longer_mass[small] = vals.clamp_min(0.0).double().sum(1)
+        top, pick = vals.topk(width, dim=-1)
+        values[small], places[small] = top, cols.gather(-1, pick)
+    large = torch.nonzero((hi - lo) > WINDOW).squeeze(1)
+    if len(large):
+        # few distinct long ranges (short prefixes such as " " or " t"): one slice per range
+        spans, group = torch.unique(torch.stack([lo[large], hi[large]], 1), dim=0, return_inverse=True)
+        for g, (a, b) in enumerate(spans.tolist()):
+            which = large[group == g]
+            vals = in_order[:, a:b].index_select(0, row[which])
+            longer_mass[which] = vals.double().sum(1)
+            top, pick = vals.topk(min(width, b - a), dim=-1)
+            values[which, : top.shape[1]], places[which, : top.shape[1]] = top, pick + a
+    possible = longer_mass + prefix_mass
+
+    found = torch.where(values > 0, ranges.order[places], torch.full_like(places, -1))
     values = values.clamp_min(0.0).double()
     # canonical order: by probability, descending; ties by ascending id (padding last)
-    ids, order = torch.where(ids < 0, torch.iinfo(torch.int64).max, ids).sort(dim=-1)
+    found, order = torch.where(found < 0, torch.iinfo(torch.int64).max, found).sort(dim=-1)
     values = values.gather(-1, order)
     values, order = values.sort(dim=-1, descending=True, stable=True)
-    ids = ids.gather(-1, order)
-    ids = torch.where(values > 0, ids, torch.full_like(ids, -1))
+    found = found.gather(-1, order)
     share = values / possible.clamp_min(1e-300)[:, None]
-    logprobs = torch.where(values > 0, torch.log(share.clamp_min(1e-300)), torch.zeros_like(share))
+    ids[:, :width] = torch.where(values > 0, found, torch.full_like(found, -1))
+    logprobs[:, :width] = torch.where(values > 0, torch.log(share.clamp_min(1e-300)), torch.zeros_like(share))
     tail = (1.0 - share.sum(-1)).clamp(0.0, 1.0)
-    if width < m:
-        pad = m - width
-        ids = torch.cat([ids, torch.full((total, pad), -1, dtype=ids.dtype, device=device)], 1)
-        logprobs = torch.cat([logprobs, torch.zeros((total, pad), dtype=logprobs.dtype, device=device)], 1)
     return depths, ids.int(), logprobs.half(), tail.half()
