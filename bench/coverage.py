@@ -20,7 +20,7 @@ from the top-k alone (logits.continuations: 0), and the reference modes (whose c
 depend on the rows' ids; a reference row counts as covered only with a source distribution, not
 its one-hot fallback).
 
-    python bench/coverage.py [--teacher synthetic|model] [--windows 12] [--chars 3000] > coverage.json
+    python bench/coverage.py [--teacher synthetic|model] [--windows 12] [--chars 3000] [--out coverage.json]
     (table on stderr: one line per pair and corpus)
 """
 
@@ -117,6 +117,7 @@ def main():
     parser.add_argument("--windows", type=int, default=12, help="text windows per corpus")
     parser.add_argument("--chars", type=int, default=3000, help="characters per window")
     parser.add_argument("--hit", type=float, default=0.8, help="synthetic: share of rows whose top-k holds the real token")
+    parser.add_argument("--out", help="write the JSON here (default: stdout, where imported libraries may also log)")
     parser.add_argument("--names", default=",".join(NAMES))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--corpora", default=",".join(CORPORA))
@@ -169,9 +170,13 @@ def main():
                       file=sys.stderr, flush=True)
     summary = {m: {"min": min(r[m] for r in results), "mean": round(float(np.mean([r[m] for r in results])), 4)}
                for m in modes}
-    print(json.dumps({"teacher": args.teacher, "windows_per_corpus": args.windows, "chars_per_window": args.chars,
+    text = json.dumps({"teacher": args.teacher, "windows_per_corpus": args.windows, "chars_per_window": args.chars,
                       "k": K, "continuations": M, "hit": args.hit if args.teacher == "synthetic" else None,
-                      "pairs": results, "summary": summary}, indent=1))
+                      "pairs": results, "summary": summary}, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
 
 
 if __name__ == "__main__":
