@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from fusion.sparse import canonical_order
+
 MAX_DEPTH = 16  # continuation rows per source row at most (boundaries deeper in a token get none)
 WINDOW = 256  # ranges up to this many tokens are searched through a gathered window, longer ones in place
 
@@ -195,11 +197,8 @@ def continuation_rows(logits, targets, ranges: OnDevice, m: int):
 
     found = torch.where(values > 0, ranges.order[places], torch.full_like(places, -1))
     values = values.clamp_min(0.0).double()
-    # canonical order: by probability, descending; ties by ascending id (padding last)
-    found, order = torch.where(found < 0, torch.iinfo(torch.int64).max, found).sort(dim=-1)
-    values = values.gather(-1, order)
-    values, order = values.sort(dim=-1, descending=True, stable=True)
-    found = found.gather(-1, order)
+    # padding (value 0) sorts last
+    found, values = canonical_order(torch.where(found < 0, torch.iinfo(torch.int64).max, found), values)
     share = values / possible.clamp_min(1e-300)[:, None]
     ids[:, :width] = torch.where(values > 0, found, torch.full_like(found, -1))
     logprobs[:, :width] = torch.where(values > 0, torch.log(share.clamp_min(1e-300)), torch.zeros_like(share))

@@ -48,6 +48,7 @@ import math
 import numpy as np
 
 from fusion.progress import bar
+from fusion.sparse import canonical_order
 
 # float32 logits made at once (rows x vocab): small on CPUs (cache), large on GPUs (few launches)
 HEAD_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
@@ -212,16 +213,7 @@ def top_k_rows(logits, targets, k: int):
     rows, vocab = logits.shape
     k = min(k, vocab)
     logprobs = torch.log_softmax(logits, dim=-1)
-    group = _group_size(vocab, k)
-    if logprobs.device.type == "cpu" and group:
-        values, ids = _two_stage_topk(logprobs, k, group)
-    else:
-        values, ids = logprobs.topk(k, dim=-1, sorted=False)
-    # canonical order: by value, descending; ties by ascending id
-    ids, order = ids.sort(dim=-1)
-    values = values.gather(-1, order)
-    values, order = values.sort(dim=-1, descending=True, stable=True)
-    ids = ids.gather(-1, order)
+    ids, values = canonical_order(*reversed(_top_k(logprobs, k)))
     tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
     nll = -logprobs.gather(-1, targets[:, None].long()).squeeze(-1)
     return ids.int(), values.half(), tail.half(), nll
@@ -246,11 +238,7 @@ def sampled_rows(logits, targets, k: int, uniforms):
     rows, vocab = logits.shape
     k = min(k, vocab)
     logprobs = torch.log_softmax(logits, dim=-1)
-    group = _group_size(vocab, k)
-    if logprobs.device.type == "cpu" and group:
-        top_lp, top_ids = _two_stage_topk(logprobs, k, group)
-    else:
-        top_lp, top_ids = logprobs.topk(k, dim=-1, sorted=False)
+    top_lp, top_ids = _top_k(logprobs, k)
     top_lp, order = top_lp.sort(dim=-1, descending=True)
     top_ids = top_ids.gather(-1, order)
 
@@ -291,6 +279,15 @@ def sampled_rows(logits, targets, k: int, uniforms):
     tail = torch.where(drawn > 0, torch.zeros_like(outside), outside.clamp_min(0.0)).float()
     nll = -logprobs.gather(-1, targets[:, None].long()).squeeze(-1)
     return ids.int(), values.half(), tail.half(), nll
+
+
+def _top_k(logprobs, k: int):
+    """(values, ids) of the k largest entries of each row, unordered: the two-stage selection on
+    CPUs where the row is long enough for it to pay, torch.topk elsewhere."""
+    group = _group_size(logprobs.shape[-1], k)
+    if logprobs.device.type == "cpu" and group:
+        return _two_stage_topk(logprobs, k, group)
+    return logprobs.topk(k, dim=-1, sorted=False)
 
 
 def _group_size(vocab: int, k: int) -> int:

@@ -75,6 +75,14 @@ class SparseRows:
         return ids, logprobs
 
 
+def canonical_order(ids, values):
+    """Torch [rows, k] entries in the stored order: by value, descending; ties by ascending id."""
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(-1, order)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return ids.gather(-1, order), values
+
+
 def concat(parts: list[SparseRows]) -> SparseRows:
     return SparseRows(
         counts=np.concatenate([p.counts for p in parts]),

@@ -51,6 +51,41 @@ NONE, SHARED, CONDITIONED, DUMMY, SPECIAL, CONTINUED = 0, 1, 2, 3, 4, 5
 
 
 @njit(cache=True, nogil=True)
+def _add(y, p, n, prob, slot):
+    """Add probability p to target id y among the row's n entries so far; returns the new n."""
+    for r in range(n):
+        if slot[r] == y:
+            prob[r] += p
+            return n
+    slot[n] = y
+    prob[n] = p
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+def _write(row, n, prob, slot, possible, unknown, ids, logprobs, counts, tails):
+    """Write the n entries, most probable first, divided by the mass that stays possible;
+    returns whether the row got any entry."""
+    if n == 0 or possible <= 0.0:
+        return False
+    for r in range(1, n):  # insertion sort, most probable first
+        p, y = prob[r], slot[r]
+        q = r - 1
+        while q >= 0 and prob[q] < p:
+            prob[q + 1] = prob[q]
+            slot[q + 1] = slot[q]
+            q -= 1
+        prob[q + 1] = p
+        slot[q + 1] = y
+    for r in range(n):
+        ids[row, r] = slot[r]
+        logprobs[row, r] = np.log(prob[r] / possible)
+    counts[row] = n
+    tails[row] = unknown / possible
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct, continuation, dummy,
          ids, logprobs, counts, tails, prob, slot):
     """Fill target row `row` from source row i; k = bytes of s_i already committed (-1: target
@@ -87,37 +122,11 @@ def _row(row, i, k, topk_ids, topk_logprobs, tail, s_ids, s_data, s_vptr, direct
         if y < 0:
             unknown += p
             continue
-        found = -1
-        for r in range(n):
-            if slot[r] == y:
-                found = r
-                break
-        if found >= 0:
-            prob[found] += p
-        else:
-            slot[n] = y
-            prob[n] = p
-            n += 1
+        n = _add(y, p, n, prob, slot)
     rest = max(np.float64(tail[i]), 0.0)
     possible += rest
     unknown += rest
-    if n == 0 or possible <= 0.0:
-        return False
-    for r in range(1, n):  # insertion sort, most probable first
-        p, y = prob[r], slot[r]
-        q = r - 1
-        while q >= 0 and prob[q] < p:
-            prob[q + 1] = prob[q]
-            slot[q + 1] = slot[q]
-            q -= 1
-        prob[q + 1] = p
-        slot[q + 1] = y
-    for r in range(n):
-        ids[row, r] = slot[r]
-        logprobs[row, r] = np.log(prob[r] / possible)
-    counts[row] = n
-    tails[row] = unknown / possible
-    return True
+    return _write(row, n, prob, slot, possible, unknown, ids, logprobs, counts, tails)
 
 
 @njit(cache=True, nogil=True)
@@ -151,34 +160,8 @@ def _continued(row, c, d, k, i, s_ids, s_data, cont_ptr, cont_ids, cont_logprobs
         if y < 0:
             unknown += p
             continue
-        found = -1
-        for r in range(n):
-            if slot[r] == y:
-                found = r
-                break
-        if found >= 0:
-            prob[found] += p
-        else:
-            slot[n] = y
-            prob[n] = p
-            n += 1
-    if n == 0 or possible <= 0.0:
-        return False
-    for r in range(1, n):  # insertion sort, most probable first
-        p, y = prob[r], slot[r]
-        q = r - 1
-        while q >= 0 and prob[q] < p:
-            prob[q + 1] = prob[q]
-            slot[q + 1] = slot[q]
-            q -= 1
-        prob[q + 1] = p
-        slot[q + 1] = y
-    for r in range(n):
-        ids[row, r] = slot[r]
-        logprobs[row, r] = np.log(prob[r] / possible)
-    counts[row] = n
-    tails[row] = unknown / possible
-    return True
+        n = _add(y, p, n, prob, slot)
+    return _write(row, n, prob, slot, possible, unknown, ids, logprobs, counts, tails)
 
 
 @njit(cache=True, nogil=True)
