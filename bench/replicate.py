@@ -56,7 +56,10 @@ and the variants run at LAMBDA = 0.5 (see its comment):
     mince-sampled      the sources' rows sampled (logits.method: sampled, the same top_k entries per
                        row) instead of their top-k; its upstream store recomputes logits, vocab and
                        align; skipped with a note where fusion/config.py has no logits.method
+    distill-sampled-<domain>  single-source distillation on the same sampled rows
 and, once (the first of the seeds, Scale.variant_seeds), the variants that rank a design choice:
+    mince-sampled-lambda0.9, mince-sampled-lambda0.2, avgce-sampled   the sweep on sampled rows
+    clm-epochs6, mince-sampled-epochs6, distill-sampled-<domain>-epochs6   twice the steps
     mince-experts      the three experts fused instead (they share the target's tokenizer)
     mince-t2           teacher distributions at temperature 2 (train.temperature)
     mince-top32        32 entries per row captured and fused instead of 10 (logits.top_k, fuse.top_k)
@@ -203,6 +206,10 @@ METHODS = {
     "mince-lambda0.0": ("default", {**FUSED, "fuse.function": "mince", "train.lambda": 0.0}),
     "avgce": ("default", {**FUSED, "fuse.function": "avgce"}),
     "mince-sampled": ("sampled", {**FUSED, "fuse.function": "mince"}),
+    **{f"distill-sampled-{d}": ("sampled", {"fuse.sources": [f"src-{d}"], "train.lambda": LAMBDA}) for d in DOMAINS},
+    "mince-sampled-lambda0.9": ("sampled", {**FUSED, "fuse.function": "mince", "train.lambda": 0.9}),
+    "mince-sampled-lambda0.2": ("sampled", {**FUSED, "fuse.function": "mince", "train.lambda": 0.2}),
+    "avgce-sampled": ("sampled", {**FUSED, "fuse.function": "avgce"}),
     "mince-experts": ("default", {**FUSED, "fuse.sources": EXPERTS, "fuse.function": "mince"}),
     "mince-t2": ("default", {**FUSED, "fuse.function": "mince", "train.temperature": 2.0}),
     "mince-top32": ("top32", {**FUSED, "fuse.function": "mince", "fuse.top_k": 32}),
@@ -211,11 +218,18 @@ METHODS = {
     "mince-paper": ("reference-soft", {**FUSED, "fuse.function": "mince", "fuse.metric": "ce_per_token",
                                        "fuse.paper_rewards": True, "train.tail": "renormalize"}),
     "mince-renormalize": ("default", {**FUSED, "fuse.function": "mince", "train.tail": "renormalize"}),
+    "clm-epochs6": ("default", {"train.lambda": 1.0, "train.epochs": 6.0}),
+    "mince-sampled-epochs6": ("sampled", {**FUSED, "fuse.function": "mince", "train.epochs": 6.0}),
+    **{f"distill-sampled-{d}-epochs6": ("sampled", {"fuse.sources": [f"src-{d}"], "train.lambda": LAMBDA,
+                                                    "train.epochs": 6.0}) for d in DOMAINS},
     "upscale-clm": ("upscale", {"train.lambda": 1.0}),
     "upscale-mince": ("upscale", {**FUSED, "fuse.function": "mince"}),
 }
-VARIANTS = {"mince-experts", "mince-t2", "mince-top32", "mince-reference", "mince-exact", "mince-paper",
-            "mince-renormalize", "upscale-clm", "upscale-mince"}
+VARIANTS = {
+    "mince-sampled-lambda0.9", "mince-sampled-lambda0.2", "avgce-sampled", "clm-epochs6", "mince-sampled-epochs6",
+    *[f"distill-sampled-{d}-epochs6" for d in DOMAINS], "mince-experts", "mince-t2", "mince-top32", "mince-reference",
+    "mince-exact", "mince-paper", "mince-renormalize", "upscale-clm", "upscale-mince",
+}
 
 
 def upstream_overrides(where: str, scale: Scale) -> dict:
@@ -576,6 +590,11 @@ GROUPS = [  # (method, kind, description), in the report's order
     ("avgce", "trained", f"FuseLLM, AvgCE, 3 heterogeneous sources, lambda = {LAMBDA:g}"),
     ("mince-sampled", "trained", f"MinCE (lambda = {LAMBDA:g}) on sources' rows sampled instead of their top-k "
                                  "(logits.method: sampled)"),
+    *[(f"distill-sampled-{d}", "trained", f"single-source distillation from src-{d} (lambda = {LAMBDA:g}), "
+                                          "on its sampled rows") for d in DOMAINS],
+    ("mince-sampled-lambda0.9", "trained", "MinCE on sampled rows, lambda = 0.9"),
+    ("mince-sampled-lambda0.2", "trained", "MinCE on sampled rows, lambda = 0.2"),
+    ("avgce-sampled", "trained", f"AvgCE (lambda = {LAMBDA:g}) on sampled rows"),
     ("mince-experts", "trained", f"MinCE (lambda = {LAMBDA:g}) over the 3 experts (same tokenizer as the target)"),
     ("mince-t2", "trained", f"MinCE (lambda = {LAMBDA:g}), teacher distributions at temperature 2"),
     ("mince-top32", "trained", f"MinCE (lambda = {LAMBDA:g}), top-32 rows captured and fused instead of top-10"),
@@ -584,6 +603,9 @@ GROUPS = [  # (method, kind, description), in the report's order
     ("mince-paper", "trained", "MinCE, the original recipe: reference-soft, CE per own token in bf16, "
                                "top-k renormalised"),
     ("mince-renormalize", "trained", "MinCE, default alignment, teacher tail renormalised away"),
+    ("clm-epochs6", "trained", "CLM only, twice the steps (6 passes over the continual mix)"),
+    ("mince-sampled-epochs6", "trained", f"MinCE on sampled rows (lambda = {LAMBDA:g}), twice the steps"),
+    *[(f"distill-sampled-{d}-epochs6", "trained", f"distill-sampled-{d}, twice the steps") for d in DOMAINS],
     ("upscale-clm", "trained", "the target depth-up-scaled (SOLAR), then CLM only"),
     ("upscale-mince", "trained", f"the target depth-up-scaled (SOLAR), then MinCE (lambda = {LAMBDA:g}), 3 sources"),
     ("target-upscaled", "model", "the depth-up-scaled target before training"),
@@ -634,7 +656,8 @@ def records(values: dict[str, list[dict]], costs: dict[str, dict]) -> list[dict]
     best_source = {d: min(values[s][0][d] for s in sources) for d in DOMAINS} if sources else {}
     if best_source:
         best_source["mean"] = float(np.mean([best_source[d] for d in DOMAINS]))  # the best source per domain
-    distills = [f"distill-{d}" for d in DOMAINS if len(values.get(f"distill-{d}", [])) == len(values["clm"])]
+    distills = [m for d in DOMAINS for m in (f"distill-{d}", f"distill-sampled-{d}")
+                if len(values.get(m, [])) == len(values["clm"])]  # either capture: the best one is the bar
     out = []
     for method, runs in values.items():
         trained = kinds[method][0] == "trained"
