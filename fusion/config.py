@@ -166,7 +166,7 @@ DEEPSPEED_OWNED = {
 
 
 class TrainSpec(Strict):
-    lam: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the CLM loss.")
+    lam: float = Field(0.5, alias="lambda", ge=0.0, le=1.0, description="Weight of the CLM loss.")
     temperature: float = Field(1.0, gt=0.0)
     loss: Literal["ce", "kl"] = "ce"
     tail: Literal["bucket", "renormalize"] = Field(
