@@ -98,7 +98,7 @@ class SplitSpec(Strict):
 class LogitsSpec(Strict):
     top_k: int = Field(10, ge=1, le=255, description="Entries kept per position (with either method).")
     method: Literal["top-k", "sampled"] = Field(
-        "top-k",
+        "sampled",
         description="top-k: the k most probable tokens with their log-probs and the mass outside them "
         "(a biased target: the loss must guess how the outside mass is spread); sampled: k distinct tokens "
         "drawn from the model's distribution with importance weights, an unbiased estimate of the whole "
@@ -166,7 +166,7 @@ DEEPSPEED_OWNED = {
 
 
 class TrainSpec(Strict):
-    lam: float = Field(0.9, alias="lambda", ge=0.0, le=1.0, description="Weight of the CLM loss.")
+    lam: float = Field(0.5, alias="lambda", ge=0.0, le=1.0, description="Weight of the CLM loss.")
     temperature: float = Field(1.0, gt=0.0)
     loss: Literal["ce", "kl"] = "ce"
     tail: Literal["bucket", "renormalize"] = Field(

@@ -44,6 +44,9 @@ MEASURED = {
     "align": (21.0, "assumed: about a model's own logits (bench/bench_bytes.py measures it)"),
     "fuse": (19.0, "bench/bench_bytes.py, real text, top-k 10"),
 }
+# sampled rows / top-k rows, stored logits bytes (bench/bench_bytes.py --methods: stories260K on
+# held-out text): a row's sampled entries share one value, so their log-prob deltas are zeros
+SAMPLED_LOGITS_RATIO = 0.76
 DEFAULT_TEXT_BYTES_PER_TOKEN = 4.0
 SAMPLE_CHARS = 2_000_000  # corpus characters tokenized to measure bytes per token
 DECODED_BYTES_PER_ENTRY = 6  # a packed row entry in the trainer's memory: int32 id + float16 log-prob
@@ -287,6 +290,9 @@ def make_plan(
         if k != 10:
             value, source = MEASURED[stage]
             per_token[stage] = (value * k / 10, f"{source}; scaled to top-k {k}")
+    if spec.logits.method == "sampled":
+        value, source = per_token["logits"]
+        per_token["logits"] = (value * SAMPLED_LOGITS_RATIO, f"{source}; x{SAMPLED_LOGITS_RATIO} for sampled rows")
     if pilot:
         measured, speed = pilot_figures(pilot, spec)
         for stage, v in measured.items():

@@ -26,7 +26,8 @@ def test_every_job_file_is_a_valid_spec(job):
 
 def test_minimal_spec_gets_defaults():
     spec = parse_spec(MINIMAL)
-    assert spec.train.lam == 0.9 and spec.align.mode == "default" and spec.logits.top_k == 10
+    assert spec.train.lam == 0.5 and spec.align.mode == "default" and spec.logits.top_k == 10
+    assert spec.logits.method == "sampled" and spec.fuse.function == "mince" and spec.train.tail == "bucket"
 
 
 def test_fuse_sources_pick_a_subset():
@@ -35,9 +36,9 @@ def test_fuse_sources_pick_a_subset():
 
 
 def test_lambda_is_spelled_lambda_in_yaml():
-    spec = parse_spec({**MINIMAL, "train": {"lambda": 0.5}})
-    assert spec.train.lam == 0.5
-    assert spec.model_dump(by_alias=True)["train"]["lambda"] == 0.5
+    spec = parse_spec({**MINIMAL, "train": {"lambda": 0.7}})
+    assert spec.train.lam == 0.7
+    assert spec.model_dump(by_alias=True)["train"]["lambda"] == 0.7
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ async def test_a_spec_changed_mid_run_is_refused(setup, tmp_path):
     s.prepare_done()
     await s.finish("Job", "ctl-prepare")
     await s.step()
-    spec_file.write_text(yaml.safe_dump({**spec(str(tmp_path / "store")), "train": {"lambda": 0.5}}))
+    spec_file.write_text(yaml.safe_dump({**spec(str(tmp_path / "store")), "train": {"lambda": 0.7}}))
     with pytest.raises(FusionError, match=r"run.yaml changed mid-run \(spec hash \w+ -> \w+: helm upgrade\?\): refused"):
         await s.step()
 

@@ -4,6 +4,9 @@ process against an S3 server on 127.0.0.1, and the run completes in the order of
 no workload exists before its inputs are committed. It runs once with each training operator,
 each on another S3 server: a PyTorchJob (training operator v1.9) on SeaweedFS (a real S3
 server) and a TrainJob on the chart's torch runtime (Kubeflow Trainer v2) on moto's emulator.
+The order of the stages does not depend on the operator, so the TrainJob install starts from a
+store that holds every stage up to fuse (computed here first, in this process): the controller
+prepares, then creates only the training and evaluation workloads.
 With the PyTorchJob, mid-run, the alignment workers are scaled 1 -> 3 -> 2 and one is killed,
 and still every shard is committed exactly once; then the training master's node is lost after a
 checkpoint, and training resumes from it. The controller's Events, status ConfigMap and
@@ -24,8 +27,11 @@ from pathlib import Path
 
 import kmock
 import pytest
+import yaml
 
-from fusion.config import TrainSpec
+from fusion.config import TrainSpec, parse_spec
+from fusion.launch_local import run_all
+from fusion.run import RUN_ID_ENV, Run
 from fusion.errors import PEER_LOST_EXIT_CODE
 from tests.helmchart import IMAGES, merge_values, render
 from tests.k8s_sim import ApiServer, Cluster, free_port, kubectl_views, s3_server, secret, timeline, until
@@ -35,6 +41,7 @@ NAMESPACE = "fusion"
 BUCKET = "runs"
 SOURCES = ["src-llama", "src-neox"]
 MODELS = ["target", *SOURCES]
+UPSTREAM = ["split", "vocab", "logits", "align", "fuse"]
 
 
 pytestmark = pytest.mark.asyncio
@@ -96,7 +103,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(("operator", "s3"), [("pytorchjob", "seaweedfs"), ("trainjob", "moto")], indirect=["s3"])
-async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, operator):
+async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, monkeypatch, operator):
     s3_url, client = s3
     metrics_port = free_port()
     # With the PyTorchJob a training node is lost mid-training: 3 epochs (~300 steps), a checkpoint
@@ -128,6 +135,13 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
         },
     )
     rendered = render(values, release=RELEASE, namespace=NAMESPACE)
+    if operator == "trainjob":  # split, vocab, logits, align, fuse committed first, from the pods' own spec
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        monkeypatch.setenv(RUN_ID_ENV, f"{NAMESPACE}/{RELEASE}")  # as a pod of this release: the store's owner
+        config = next(o for o in rendered.objects if o["kind"] == "ConfigMap" and "run.yaml" in o.get("data", {}))
+        run_all(Run(parse_spec(yaml.safe_load(config["data"]["run.yaml"]))), UPSTREAM)
+    expected = set(INPUTS) if operator == "pytorchjob" else {f"{RELEASE}-prepare", f"{RELEASE}-train", f"{RELEASE}-eval"}
     installed = [o for o in rendered.objects if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
     image_env = {"FUSION_CACHE_DIR": str(tmp_path / "image-cache"), "OMP_NUM_THREADS": "1"}
 
@@ -183,10 +197,15 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             # Alignment workers: 1 -> 3 while the stage runs, one killed, then 2 (once: it is the
             # same with either training operator).
             align = f"{RELEASE}-align-src-llama"
-            await until(cluster, lambda: progress(lambda: running(align)), 420, f"{align} to run")
+            if operator == "pytorchjob":
+                await until(cluster, lambda: progress(lambda: running(align)), 420, f"{align} to run")
+            else:
+                await until(cluster, lambda: progress(lambda: cluster.get("TrainJob", f"{RELEASE}-train")), 420,
+                            "the TrainJob to be created")
             mid_run = scrape(metrics_port)  # the controller's metrics while the run goes on
-            assert mid_run['fusion_part_committed{run="micro",stage="split",part="train"}'] == 1
             assert mid_run['fusion_run_phase{run="micro",phase="Running"}'] == 1
+            if operator == "pytorchjob":  # (split committed by its own workload, seen by the controller)
+                assert mid_run['fusion_part_committed{run="micro",stage="split",part="train"}'] == 1
             if operator == "pytorchjob":
                 await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
                 cluster.event(f"kubectl patch job {align} parallelism 3")
@@ -228,7 +247,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
                 "split/train", "split/heldout", *(f"vocab/{s}" for s in SOURCES), *(f"logits/{m}" for m in MODELS),
                 *(f"align/{s}" for s in SOURCES), "fuse/train", "train/model", "eval/report",
             }
-            assert set(seen) == set(INPUTS)
+            assert set(seen) == expected
             run_json = json.loads(client.get_object(Bucket=BUCKET, Key="micro/run.json")["Body"].read())
             shards = run_json["outputs"]["align/src-llama"]["shards"]
             records = {k: n for k, n in versions(client, "micro/align/src-llama/").items() if re.search(r"/src-llama/shard-\d{5}\.json$", k)}
@@ -253,7 +272,7 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, ope
             assert train is not None and train["status"]["conditions"][0]["type"] in ("Succeeded", "Complete")
             events = await cluster.list("Event")
             reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events}
-            for name in INPUTS:
+            for name in expected:
                 assert (name, "Created") in reasons, name
             assert {(f"{RELEASE}-controller", r) for r in ("Prepared", "RunComplete")} <= reasons
             assert sum(1 for e in events if e["reason"] == "Committed") == len(committed(client))

@@ -73,7 +73,7 @@ def test_another_release_is_refused(micro, tmp_path, capsys, monkeypatch):
 def test_a_changed_spec_needs_a_redo_that_covers_it(micro, tmp_path, capsys):
     store = tmp_path / "store"
     assert cli(capsys, "prepare", micro.write_spec(tmp_path / "a.yaml", store))[0] == 0
-    changed = micro.write_spec(tmp_path / "b.yaml", store, **{"train.lambda": 0.5})
+    changed = micro.write_spec(tmp_path / "b.yaml", store, **{"train.lambda": 0.7})
     code, err = cli(capsys, "prepare", changed)
     assert code == BAD_INPUT_EXIT_CODE
     assert "changes the config hash of train/model, eval/report: run with --redo train" in err
@@ -81,9 +81,9 @@ def test_a_changed_spec_needs_a_redo_that_covers_it(micro, tmp_path, capsys):
     assert code == BAD_INPUT_EXIT_CODE and "--redo eval keeps train/model, whose settings changed: run with --redo train" in err
     assert cli(capsys, "run", changed, "--redo", "train", "--stages", "split")[0] == 0
     record = json.loads((store / RUN_RECORD).read_text())
-    assert record["spec"]["train"]["lambda"] == 0.5 and record["outputs"]
+    assert record["spec"]["train"]["lambda"] == 0.7 and record["outputs"]
     # a setting no output depends on is simply adopted
-    cadence = micro.write_spec(tmp_path / "c.yaml", store, **{"train.lambda": 0.5, "train.keep_checkpoints": 5})
+    cadence = micro.write_spec(tmp_path / "c.yaml", store, **{"train.lambda": 0.7, "train.keep_checkpoints": 5})
     assert cli(capsys, "prepare", cadence)[0] == 0
     # and a changed split is for --redo split
     code, err = cli(capsys, "prepare", micro.write_spec(tmp_path / "d.yaml", store, **{"split.block_tokens": 48}))

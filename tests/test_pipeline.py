@@ -158,7 +158,7 @@ def test_sampled_teachers_go_through_to_training(micro, tmp_path):
 
     small = {"corpus.max_documents": 14, "split.shard_blocks": 400}  # one shard of a few dozen blocks
     run = open_run(parse_spec(micro.spec(tmp_path / "sampled", **small, **{"logits.method": "sampled"})))
-    top_k = open_run(parse_spec(micro.spec(tmp_path / "top-k", **small)))
+    top_k = open_run(parse_spec(micro.spec(tmp_path / "top-k", **small, **{"logits.method": "top-k"})))
     assert run.hash("logits", "target") != top_k.hash("logits", "target")
     timings = run_all(run, ["split", "vocab", "logits", "align", "fuse", "train"])
     assert list(timings) == ["split", "vocab", "logits", "align", "fuse", "train"]

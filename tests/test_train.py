@@ -143,7 +143,7 @@ def test_first_step_is_the_fusion_loss_of_the_first_global_batch(reference, micr
     model = AutoModelForCausalLM.from_pretrained(micro.models["target"], dtype=torch.float32)
     with torch.no_grad():
         logits = model(input_ids=batch.inputs, attention_mask=batch.mask).logits[:, :-1]
-    out = fusion_loss(logits, batch.labels, batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail, lam=0.9)
+    out = fusion_loss(logits, batch.labels, batch.teacher_ids, batch.teacher_logprobs, batch.teacher_tail, lam=run.spec.train.lam)
     first = log_of(store)[0]
     assert first["tokens"] == batch.tokens == int(batch.mask.sum()) - 4
     assert first["loss"] == pytest.approx(float(out["loss"]), rel=1e-6)

@@ -81,7 +81,7 @@ def test_a_checkpoint_of_another_config_is_refused(micro, tmp_path, capsys):
     run, path = prepared(micro, tmp_path)
     assert main(["train", str(path)]) == 0
     run.store.remove("train/model")  # as if killed before the export: only checkpoints remain
-    code, err = fusion_train_cli(capsys, path, "--set", "train.lambda=0.5")
+    code, err = fusion_train_cli(capsys, path, "--set", "train.lambda=0.7")
     assert code == BAD_INPUT_EXIT_CODE
     assert "train/checkpoints/latest.json is a checkpoint of config hash" in err and "--redo train" in err
     # checkpoint cadence is not part of the config: the same checkpoint resumes
