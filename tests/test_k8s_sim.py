@@ -204,7 +204,9 @@ async def test_helm_install_runs_the_whole_run_in_order(micro, s3, tmp_path, mon
                             "the TrainJob to be created")
             mid_run = scrape(metrics_port)  # the controller's metrics while the run goes on
             assert mid_run['fusion_run_phase{run="micro",phase="Running"}'] == 1
-            if operator == "pytorchjob":  # (split committed by its own workload, seen by the controller)
+            # (with the TrainJob the scrape can fall between the workload's creation and the end of the
+            # controller's step, where it refreshes what is committed: split is checked once, here)
+            if operator == "pytorchjob":
                 assert mid_run['fusion_part_committed{run="micro",stage="split",part="train"}'] == 1
             if operator == "pytorchjob":
                 await cluster.patch("Job", align, {"spec": {"parallelism": 3}})
